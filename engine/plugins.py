@@ -1,0 +1,113 @@
+"""Building the plugin manager and the registries of importers, backends and analyzers.
+
+Nothing here runs at import time: ``get_plugin_manager()`` builds a fresh manager on each call,
+and callers keep it as long as they need (the ``Registry`` does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from specprof.engine import hookspecs
+from specprof.engine.base import Analyzer, Backend, Importer
+from specprof.engine.errors import SpecprofError
+from specprof.engine.types import Support
+
+PROJECT = "specprof"
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "specprof.plugins.importers.onnx_importer",
+    "specprof.plugins.importers.torch_importer",
+    "specprof.plugins.backends.exact",
+    "specprof.plugins.backends.filter",
+    "specprof.plugins.backends.selection",
+)
+DISABLE_ENV = "SPECPROF_DISABLED_PLUGINS"
+
+
+def _disabled() -> set[str]:
+    return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+
+
+def get_plugin_manager(
+    default_plugins: Iterable[str] = DEFAULT_PLUGINS, entry_points: bool = True
+) -> pluggy.PluginManager:
+    """A plugin manager with the built-in plugins and those installed through entry points.
+
+    ``SPECPROF_DISABLED_PLUGINS`` (comma-separated plugin or module names) turns plugins off;
+    ``*`` turns off all third-party ones.
+    """
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    disabled = _disabled()
+    for module_name in default_plugins:
+        if module_name in disabled or module_name.rsplit(".", 1)[-1] in disabled:
+            continue
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if entry_points and "*" not in disabled:
+        for name in disabled:
+            pm.set_blocked(name)
+        pm.load_setuptools_entrypoints(PROJECT)
+    return pm
+
+
+@dataclass
+class Registry:
+    """The importers, backends and analyzers the plugins provide, by name."""
+
+    pm: pluggy.PluginManager
+    importers: dict[str, type[Importer]] = field(default_factory=dict)
+    backends: dict[str, type[Backend]] = field(default_factory=dict)
+    analyzers: dict[str, type[Analyzer]] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_manager(cls, pm: pluggy.PluginManager | None = None) -> Registry:
+        pm = pm or get_plugin_manager()
+        registry = cls(pm)
+        hooks: list[tuple[Any, dict[str, Any], type]] = [
+            (pm.hook.specprof_register_importers, registry.importers, Importer),
+            (pm.hook.specprof_register_backends, registry.backends, Backend),
+            (pm.hook.specprof_register_analyzers, registry.analyzers, Analyzer),
+        ]
+        for hook, table, base in hooks:
+            for impl in hook.get_hookimpls():
+                for plugin_class in impl.function() or []:
+                    if not (isinstance(plugin_class, type) and issubclass(plugin_class, base)):
+                        raise SpecprofError(
+                            f"plugin {impl.plugin_name} registered {plugin_class!r}, "
+                            f"which is not a {base.__name__} subclass",
+                            f"fix the plugin or disable it with {DISABLE_ENV}={impl.plugin_name}",
+                        )
+                    table.setdefault(plugin_class.name, plugin_class)
+                    registry.origins.setdefault(f"{base.__name__}:{plugin_class.name}", impl.plugin_name)
+        return registry
+
+    def backend(self, name: str) -> Backend:
+        """An instance of the named backend; a clear error if unknown or unavailable."""
+        if name not in self.backends:
+            known = ", ".join(sorted(self.backends)) or "none"
+            raise SpecprofError(f"unknown backend '{name}'", f"choose one of: auto, {known}")
+        backend_class = self.backends[name]
+        support = backend_class.available()
+        if not support:
+            raise SpecprofError(f"backend '{name}' is unavailable ({support.reason})")
+        return backend_class()
+
+    def available_backends(self) -> dict[str, Backend]:
+        return {name: cls() for name, cls in sorted(self.backends.items()) if cls.available()}
+
+    def availability(self) -> list[tuple[str, str, Support, str]]:
+        """(kind, name, availability, origin) of every registered plugin object."""
+        rows = []
+        for kind, table in (("importer", self.importers), ("backend", self.backends),
+                            ("analyzer", self.analyzers)):
+            for name, plugin_class in sorted(table.items()):
+                origin = self.origins.get(f"{kind.capitalize()}:{name}", "?")
+                rows.append((kind, name, plugin_class.available(), origin))
+        return rows

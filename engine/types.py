@@ -1,0 +1,288 @@
+"""The values that flow through the pipeline: layers, requests, spectra.
+
+All are frozen dataclasses. Arrays inside them are made read-only on construction so that
+a ``Layer`` or ``Spectrum`` can be shared between threads and cached without copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+OpType = Literal["Conv", "ConvTranspose", "Gemm", "MatMul"]
+Boundary = Literal["zeros", "circular"]
+SpectrumKind = Literal["operator", "filter"]
+CONV_OPS = ("Conv", "ConvTranspose")
+MATRIX_OPS = ("Gemm", "MatMul")
+
+
+def _frozen(array: np.ndarray | None) -> np.ndarray | None:
+    if array is None:
+        return None
+    array = np.ascontiguousarray(array)
+    array.flags.writeable = False
+    return array
+
+
+def _hash_array(digest: Any, array: np.ndarray | None) -> None:
+    if array is None:
+        digest.update(b"none")
+        return
+    digest.update(str(array.dtype).encode())
+    digest.update(json.dumps(array.shape).encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """One linear operation of a model, with everything needed to build its linear map.
+
+    Weight layouts follow ONNX:
+    - ``Conv``: (c_out, c_in / groups, k_1, ..., k_d)
+    - ``ConvTranspose``: (c_in, c_out / groups, k_1, ..., k_d)
+    - ``Gemm`` / ``MatMul``: normalized to the (out_features, in_features) matrix M of the
+      map x -> M x applied to one input vector (Gemm's transA/transB and alpha folded in).
+
+    ``pads`` is ONNX's (begin_1, ..., begin_d, end_1, ..., end_d), with ``auto_pad`` already
+    resolved. ``input_shape`` is (c_in, n_1, ..., n_d) for convolutions and (in_features,) for
+    matrices; None when neither shape inference nor the user could say.
+    """
+
+    name: str
+    op_type: OpType
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    groups: int = 1
+    output_padding: tuple[int, ...] = ()
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    index: int = 0
+    node_name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", _frozen(np.asarray(self.weight)))
+        object.__setattr__(self, "bias", _frozen(None if self.bias is None else np.asarray(self.bias)))
+        if self.is_conv:
+            d = self.spatial_dims
+            object.__setattr__(self, "strides", tuple(self.strides) or (1,) * d)
+            object.__setattr__(self, "dilations", tuple(self.dilations) or (1,) * d)
+            object.__setattr__(self, "pads", tuple(self.pads) or (0,) * (2 * d))
+            object.__setattr__(self, "output_padding", tuple(self.output_padding) or (0,) * d)
+
+    @property
+    def is_conv(self) -> bool:
+        return self.op_type in CONV_OPS
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.weight.ndim - 2 if self.is_conv else 0
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:]) if self.is_conv else ()
+
+    @property
+    def in_channels(self) -> int:
+        if self.op_type == "Conv":
+            return int(self.weight.shape[1]) * self.groups
+        if self.op_type == "ConvTranspose":
+            return int(self.weight.shape[0])
+        return int(self.weight.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        if self.op_type == "Conv":
+            return int(self.weight.shape[0])
+        if self.op_type == "ConvTranspose":
+            return int(self.weight.shape[1]) * self.groups
+        return int(self.weight.shape[0])
+
+    @property
+    def input_size(self) -> int | None:
+        """Dimension of the layer's input space (one sample), or None if unknown."""
+        return None if self.input_shape is None else math.prod(self.input_shape)
+
+    @property
+    def output_size(self) -> int | None:
+        return None if self.output_shape is None else math.prod(self.output_shape)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of everything that determines this layer's spectra (not its name)."""
+        digest = hashlib.sha256()
+        digest.update(self.op_type.encode())
+        _hash_array(digest, self.weight)
+        _hash_array(digest, self.bias)
+        params = [self.strides, self.pads, self.dilations, self.groups, self.output_padding,
+                  self.input_shape]
+        digest.update(json.dumps(params).encode())
+        return digest.hexdigest()
+
+    @property
+    def weight_hash(self) -> str:
+        digest = hashlib.sha256()
+        _hash_array(digest, self.weight)
+        return digest.hexdigest()
+
+    def describe(self) -> str:
+        """A short human description, e.g. 'Conv 3x3 s2 g4 16->32 @8x8'."""
+        if not self.is_conv:
+            return f"{self.op_type} {self.in_channels}->{self.out_channels}"
+        parts = [self.op_type, "x".join(map(str, self.kernel_shape))]
+        if any(s != 1 for s in self.strides):
+            parts.append("s" + "x".join(map(str, self.strides)))
+        if any(d != 1 for d in self.dilations):
+            parts.append("d" + "x".join(map(str, self.dilations)))
+        if self.groups != 1:
+            parts.append(f"g{self.groups}")
+        parts.append(f"{self.in_channels}->{self.out_channels}")
+        if self.input_shape is not None:
+            parts.append("@" + "x".join(map(str, self.input_shape[1:])))
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class SkippedNode:
+    """A node that looked linear but is not profiled, and why."""
+
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked of a backend, independent of the layer."""
+
+    boundary: Boundary = "zeros"
+    device: str = "cpu"
+    top_k: int | None = None
+    precision: Literal["float64", "float32"] = "float64"
+    max_dense: int = 4096
+    keep_vectors: bool = True
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that change a result (used in the spectrum's identity)."""
+        return {"boundary": self.boundary, "top_k": self.top_k, "precision": self.precision}
+
+
+@dataclass(frozen=True)
+class Support:
+    """Answer to 'can you do this?': truthy when yes, with the reason when not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @classmethod
+    def yes(cls, reason: str = "") -> Support:
+        return cls(True, reason)
+
+    @classmethod
+    def no(cls, reason: str) -> Support:
+        return cls(False, reason)
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """Singular values of one layer from one backend.
+
+    ``values`` are descending; ``multiplicities`` (same length, positive integers) say how often
+    each value occurs, so a 1x1 convolution on a 56x56 input need not store 3136 copies. None
+    means every value occurs once. ``kind`` keeps operator spectra and filter SVDs apart.
+    """
+
+    values: np.ndarray
+    kind: SpectrumKind
+    backend: str
+    exact: bool
+    multiplicities: np.ndarray | None = None
+    boundary: Boundary | None = None
+    left_vectors: np.ndarray | None = None
+    upper_bound: float | None = None
+    lower_bound: float | None = None
+    seconds: float = 0.0
+    device: str = "cpu"
+    params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        values = np.asarray(self.values, dtype=np.float64).ravel()
+        mult = self.multiplicities
+        order = np.argsort(-values, kind="stable")
+        values = values[order]
+        if mult is not None:
+            mult = np.asarray(mult, dtype=np.int64).ravel()[order]
+            if mult.shape != values.shape or (mult < 1).any():
+                raise ValueError("multiplicities must be positive and match values")
+        object.__setattr__(self, "values", _frozen(values))
+        object.__setattr__(self, "multiplicities", _frozen(mult))
+        object.__setattr__(self, "left_vectors", _frozen(self.left_vectors))
+
+    @property
+    def n_values(self) -> int:
+        return int(self.values.size if self.multiplicities is None else self.multiplicities.sum())
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.values[0]) if self.values.size else math.nan
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.values[-1]) if self.values.size else math.nan
+
+    @property
+    def frobenius(self) -> float:
+        weights = 1 if self.multiplicities is None else self.multiplicities
+        return float(np.sqrt(np.sum(weights * self.values**2)))
+
+    @property
+    def stable_rank(self) -> float:
+        top = self.sigma_max
+        return float(self.frobenius**2 / top**2) if top > 0 else math.nan
+
+    def expanded(self) -> np.ndarray:
+        """All singular values, descending, each repeated by its multiplicity."""
+        if self.multiplicities is None:
+            return self.values.copy()
+        return np.repeat(self.values, self.multiplicities)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model after import, normalization and extraction: what the rest of the engine sees."""
+
+    name: str
+    format: str
+    """The importer that read it (``onnx``, ``torch``, ...)."""
+    framework: str
+    opset: int
+    layers: tuple[Layer, ...]
+    skipped: tuple[SkippedNode, ...] = ()
+    warnings: tuple[str, ...] = ()
+    source: str = ""
+    proto: Any = None
+    """The normalized ``onnx.ModelProto`` (None once dropped to save memory)."""
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(layer.weight.size) + (0 if layer.bias is None else int(layer.bias.size))
+                   for layer in self.layers)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 over the layers' content: a re-export with identical weights hashes the same."""
+        digest = hashlib.sha256()
+        for layer in self.layers:
+            digest.update(layer.content_hash.encode())
+        return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""specprof: profile the singular values of neural-network layers."""
