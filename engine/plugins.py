@@ -7,6 +7,7 @@ and callers keep it as long as they need (the ``Registry`` does).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,10 +51,26 @@ def get_plugin_manager(
             continue
         pm.register(importlib.import_module(module_name), name=module_name)
     if entry_points and "*" not in disabled:
-        for name in disabled:
-            pm.set_blocked(name)
-        pm.load_setuptools_entrypoints(PROJECT)
+        _load_entry_points(pm, disabled)
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str]) -> None:
+    """Register third-party plugins; one that fails to import is named, with how to skip it."""
+    for entry_point in importlib.metadata.entry_points(group=PROJECT):
+        if entry_point.name in disabled or pm.get_plugin(entry_point.name) is not None:
+            continue
+        dist = entry_point.dist
+        origin = f"{dist.name} {dist.version}" if dist is not None else entry_point.value
+        try:
+            plugin = entry_point.load()
+        except Exception as error:  # a broken third-party package must not hide the cause
+            raise SpecprofError(
+                f"plugin '{entry_point.name}' ({origin}) failed to load: "
+                f"{type(error).__name__}: {error}",
+                f"fix or uninstall it, or set {DISABLE_ENV}={entry_point.name}",
+            ) from error
+        pm.register(plugin, name=entry_point.name)
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""The Python API behind ``import specprof``: load, profile, query, singular values.
+
+Each function opens what it needs (plugins, store) and closes it again, so that calls are
+independent; pass ``db=`` to choose the database (default: the per-user SQLite file).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from specprof.engine.errors import BackendError
+from specprof.engine.loading import load_model as _load_model
+from specprof.engine.loading import parse_input_shape
+from specprof.engine.plugins import Registry
+from specprof.engine.profile import (
+    AUTO,
+    LayerOutcome,
+    ProfileConfig,
+    choose_backend,
+    profile_model,
+    validate_backends,
+)
+from specprof.engine.store import Store
+from specprof.engine.types import Boundary, Layer, LoadedModel, Request, Spectrum
+
+OUTCOME_COLUMNS = ["run", "layer", "op_type", "shape", "backend", "status", "sigma_max",
+                   "sigma_min", "n_values", "seconds", "reason"]
+
+
+def _shape(input_shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    if input_shape is None or isinstance(input_shape, tuple):
+        return input_shape
+    if isinstance(input_shape, str):
+        return parse_input_shape(input_shape)
+    return tuple(int(n) for n in input_shape)
+
+
+def load_model(source: str | os.PathLike[str] | Any, *, format: str | None = None,
+               input_shape: str | Sequence[int] | None = None, model_class: str | None = None,
+               name: str | None = None, registry: Registry | None = None) -> LoadedModel:
+    """Import a model (file path or framework object) and extract its linear layers."""
+    if isinstance(source, LoadedModel):
+        return source
+    return _load_model(source, format=format, input_shape=_shape(input_shape),
+                       model_class=model_class, registry=registry or Registry.from_manager(),
+                       name=name)
+
+
+def outcomes_frame(run_id: int, outcomes: Sequence[LayerOutcome]) -> pd.DataFrame:
+    """The per-layer table of a run, one row per (layer, backend)."""
+    rows = []
+    for outcome in outcomes:
+        spectrum = outcome.spectrum
+        rows.append({
+            "run": run_id,
+            "layer": outcome.layer.name,
+            "op_type": outcome.layer.op_type,
+            "shape": outcome.layer.describe(),
+            "backend": outcome.backend,
+            "status": outcome.status,
+            "sigma_max": spectrum.sigma_max if spectrum else math.nan,
+            "sigma_min": spectrum.sigma_min if spectrum else math.nan,
+            "n_values": spectrum.n_values if spectrum else 0,
+            "seconds": spectrum.seconds if spectrum else 0.0,
+            "reason": outcome.reason,
+        })
+    frame = pd.DataFrame(rows, columns=OUTCOME_COLUMNS)
+    frame.attrs["run_id"] = run_id
+    return frame
+
+
+def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str] = AUTO,
+            db: str | None = None, input_shape: str | Sequence[int] | None = None,
+            boundary: Boundary = "zeros", device: str = "cpu", top_k: int | None = None,
+            precision: str = "float64", max_dense: int = 4096, force: bool = False,
+            format: str | None = None, model_class: str | None = None, name: str | None = None,
+            on_layer: Callable[[LayerOutcome], None] | None = None) -> pd.DataFrame:
+    """Profile every linear layer of ``model`` and store the run; returns the per-layer table.
+
+    ``backend`` is a name, a comma-separated list or a sequence of names (``auto`` picks per
+    layer). The run's id is in ``frame.attrs["run_id"]``.
+    """
+    names = tuple(b.strip() for b in backend.split(",")) if isinstance(backend, str) else tuple(backend)
+    config = ProfileConfig(backends=names, boundary=boundary, device=device, top_k=top_k,
+                           precision=precision,  # type: ignore[arg-type]
+                           max_dense=max_dense, force=force)
+    registry = Registry.from_manager()
+    loaded = load_model(model, format=format, input_shape=input_shape, model_class=model_class,
+                        name=name, registry=registry)
+    validate_backends(config.backends, registry)
+    with Store.open(db) as store:
+        result = profile_model(loaded, config, store, registry, on_layer=on_layer)
+    return outcomes_frame(result.run_id, result.outcomes)
+
+
+def query(*, db: str | None = None, model: str | None = None, layer: str | None = None,
+          backend: str | None = None, kind: str | None = None, run: int | None = None,
+          values: bool = False) -> pd.DataFrame:
+    """Stored spectra as a DataFrame, newest run first; ``model``/``layer`` are globs."""
+    with Store.open(db) as store:
+        return store.query(model=model, layer=layer, backend=backend, kind=kind, run=run,
+                           values=values)
+
+
+def singular_values(layer: Layer, backend: str = AUTO, *, boundary: Boundary = "zeros",
+                    device: str = "cpu", top_k: int | None = None,
+                    max_dense: int = 4096) -> Spectrum:
+    """Singular values of one layer, computed now and not stored."""
+    registry = Registry.from_manager()
+    request = Request(boundary=boundary, device=device, top_k=top_k, max_dense=max_dense)
+    chosen, reason = choose_backend(layer, request, backend, registry)
+    if chosen is None:
+        raise BackendError(f"layer {layer.name}: {reason}")
+    return chosen.compute(layer, request)

@@ -1,0 +1,227 @@
+"""The ``specprof`` command line. Every command is a thin layer over ``specprof.engine.api``."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import click
+
+from specprof.engine.errors import SpecprofError
+
+OUTPUT_FORMATS = click.Choice(["table", "json", "csv"])
+DB_OPTION = click.option(
+    "--db", metavar="URL",
+    help="Database: a SQLite file path or an SQLAlchemy URL (postgresql://...). "
+         "Default: $SPECPROF_DB, else ~/.local/share/specprof/specprof.db.")
+
+
+class SpecprofGroup(click.Group):
+    """Turns a ``SpecprofError`` anywhere below into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SpecprofError as error:
+            raise click.ClickException(error.one_line()) from None
+
+
+def _console(quiet: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):
+        return _jsonable(value.item())
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def emit(frame: Any, fmt: str, title: str = "", columns: list[str] | None = None) -> None:
+    """Write a DataFrame to stdout as a rich table, JSON records (NaN -> null) or CSV."""
+    if columns is not None:
+        frame = frame[[c for c in columns if c in frame.columns]]
+    if fmt == "json":
+        records = [{k: _jsonable(v) for k, v in row.items()} for row in frame.to_dict("records")]
+        click.echo(json.dumps(records, indent=2))
+    elif fmt == "csv":
+        click.echo(frame.to_csv(index=False), nl=False)
+    else:
+        _print_table(frame, title)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    if isinstance(value, list):
+        return f"[{len(value)} values]"
+    return "" if value is None else str(value)
+
+
+def _print_table(frame: Any, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None, title_justify="left")
+    for column in frame.columns:
+        numeric = frame[column].dtype.kind in "fiu"
+        table.add_column(str(column), justify="right" if numeric else "left",
+                         overflow="fold")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(_cell(v) for v in row))
+    Console(width=max(100, Console().width)).print(table)
+
+
+@click.group(cls=SpecprofGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="specprof")
+def cli() -> None:
+    """Profile the singular values of a model's linear layers and query the stored results."""
+
+
+def _model_options(func: Any) -> Any:
+    func = click.option("--model-class", metavar="MODULE:CLASS",
+                        help="Class to rebuild a PyTorch state_dict file, e.g. mypkg.nets:ResNet.")(func)
+    func = click.option("--format", "model_format", metavar="NAME",
+                        help="Model format (importer name); default: from content and suffix.")(func)
+    func = click.option("--input-shape", metavar="C,H,W",
+                        help="Input size of one sample, for models whose input is dynamic.")(func)
+    return func
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@DB_OPTION
+@click.option("--backend", default="auto", show_default=True,
+              help="Backend name, or several separated by commas; 'auto' picks per layer.")
+@click.option("--boundary", type=click.Choice(["zeros", "circular"]), default="zeros",
+              show_default=True, help="zeros: what the model computes; circular: periodic input.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Only the K largest singular values.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64",
+              show_default=True)
+@click.option("--max-dense", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Largest matrix side the dense exact SVD accepts.")
+@click.option("--force", is_flag=True, help="Recompute spectra already in the database.")
+@click.option("--name", help="Name to store the model under (default: the file name).")
+@_model_options
+@click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int | None,
+            device: str, precision: str, max_dense: int, force: bool, name: str | None,
+            input_shape: str | None, model_format: str | None, model_class: str | None,
+            output_format: str, quiet: bool) -> None:
+    """Compute the spectra of every linear layer of MODEL and store the run."""
+    from specprof.engine import api
+    from specprof.engine.progress import layer_progress
+
+    loaded = api.load_model(model, format=model_format, input_shape=input_shape,
+                            model_class=model_class, name=name)
+    n_tasks = len(loaded.layers) * len(backend.split(","))
+    with layer_progress(n_tasks, f"profiling {loaded.name}", quiet or output_format != "table") as tick:
+        frame = api.profile(loaded, backend=backend, db=db, boundary=boundary,  # type: ignore[arg-type]
+                            device=device, top_k=top_k, precision=precision,
+                            max_dense=max_dense, force=force, on_layer=tick)
+    _warn(loaded.warnings, quiet)
+    title = f"run {frame.attrs['run_id']}: {loaded.name} ({loaded.format}, {len(loaded.layers)} layers)"
+    emit(frame.drop(columns=["run"]), output_format, title)
+    if loaded.skipped and output_format == "table" and not quiet:
+        _console().print(f"{len(loaded.skipped)} node(s) not profiled: see 'specprof layers'")
+
+
+def _warn(warnings: tuple[str, ...], quiet: bool) -> None:
+    console = _console(quiet)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@_model_options
+@click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
+def layers(model: str, input_shape: str | None, model_format: str | None,
+           model_class: str | None, output_format: str) -> None:
+    """List the linear layers of MODEL, and the nodes skipped with the reason."""
+    import pandas as pd
+
+    from specprof.engine import api
+
+    loaded = api.load_model(model, format=model_format, input_shape=input_shape,
+                            model_class=model_class)
+    rows = [{"index": layer.index, "layer": layer.name, "op_type": layer.op_type,
+             "shape": layer.describe(), "weight": "x".join(map(str, layer.weight.shape)),
+             "input": "x".join(map(str, layer.input_shape or ())) or "unknown",
+             "status": "profiled", "reason": ""} for layer in loaded.layers]
+    rows += [{"index": None, "layer": node.name, "op_type": node.op_type, "shape": "",
+              "weight": "", "input": "", "status": "skipped", "reason": node.reason}
+             for node in loaded.skipped]
+    title = (f"{loaded.name}: imported by '{loaded.format}' ({loaded.framework}), opset "
+             f"{loaded.opset}, {len(loaded.layers)} layers, {loaded.n_params:,} parameters")
+    _warn(loaded.warnings, output_format != "table")
+    emit(pd.DataFrame(rows), output_format, title)
+
+
+def _plugin_rows(kind: str | None = None) -> list[dict[str, Any]]:
+    from specprof.engine.plugins import Registry
+
+    registry = Registry.from_manager()
+    rows = []
+    for plugin_kind, name, support, origin in registry.availability():
+        if kind and plugin_kind != kind:
+            continue
+        table = {"importer": registry.importers, "backend": registry.backends,
+                 "analyzer": registry.analyzers}[plugin_kind]
+        cls = table[name]
+        rows.append({"kind": plugin_kind, "name": name,
+                     "spectrum": getattr(cls, "kind", ""),
+                     "exact": getattr(cls, "exact", ""),
+                     "available": "yes" if support else f"no: {support.reason}",
+                     "from": origin, "description": cls.description})
+    return rows
+
+
+@cli.command()
+@click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
+def backends(output_format: str) -> None:
+    """List the backends, what they compute, and whether they can run here."""
+    import pandas as pd
+
+    frame = pd.DataFrame(_plugin_rows("backend")).drop(columns=["kind"])
+    emit(frame, output_format, "backends")
+
+
+@cli.command()
+@click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
+def plugins(output_format: str) -> None:
+    """List every loaded plugin object (importers, backends, analyzers) and where it comes from."""
+    import pandas as pd
+
+    frame = pd.DataFrame(_plugin_rows()).drop(columns=["spectrum", "exact"])
+    emit(frame, output_format, "plugins")
+
+
+def build_cli() -> click.Group:
+    """The CLI with the commands plugins add through ``specprof_register_commands``."""
+    from specprof.engine import cli_store
+    from specprof.engine.plugins import get_plugin_manager
+
+    cli_store.register(cli)
+
+    get_plugin_manager().hook.specprof_register_commands(cli=cli)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``specprof`` script."""
+    try:
+        command = build_cli()
+    except SpecprofError as error:
+        click.echo(f"Error: {error.one_line()}", err=True)
+        sys.exit(1)
+    command.main(args=argv, prog_name="specprof")

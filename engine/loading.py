@@ -1,0 +1,163 @@
+"""``load_model``: pick an importer, normalize the ONNX it returns, extract the layers.
+
+This is the single entry of the import stage for the CLI and the Python API alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from specprof.engine.base import Importer, ImportOptions
+from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
+from specprof.engine.extract import extract_layers
+from specprof.engine.normalize import default_opset, normalize
+from specprof.engine.plugins import Registry
+from specprof.engine.types import LoadedModel
+
+# Enough for every importer's magic bytes; the file is read once and the head shared.
+_SNIFF_BYTES = 4096
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """'3,32,32' (or '3x32x32', '(3, 32, 32)') -> (3, 32, 32); positive integers only."""
+    body = text.strip().strip("()[]").strip()
+    parts = [part.strip() for part in re.split(r"[,x×\s]+", body) if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise InputShapeError(f"input shape '{text}' is not a list of positive integers",
+                              "write it as C,H,W, e.g. --input-shape 3,32,32 (or FEATURES)")
+    return tuple(int(part) for part in parts)
+
+
+def _registry(registry: Registry | None) -> Registry:
+    return registry if registry is not None else Registry.from_manager()
+
+
+def _known(registry: Registry) -> str:
+    return ", ".join(sorted(registry.importers)) or "none"
+
+
+def _ensure_available(importer_class: type[Importer]) -> None:
+    support = importer_class.available()
+    if support:
+        return
+    if importer_class.extra:
+        raise MissingExtraError(f"{importer_class.framework} models ({importer_class.name} importer)",
+                                importer_class.extra)
+    raise ModelLoadError(f"the '{importer_class.name}' importer is unavailable", support.reason)
+
+
+def _read_head(path: Path) -> bytes:
+    if path.is_dir():
+        return b""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(_SNIFF_BYTES)
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {path} ({error.strerror})",
+                             "check the file's permissions") from error
+
+
+def choose_importer(path: Path, registry: Registry, format: str | None = None) -> Importer:
+    """The importer for a file: ``format`` if given, else by suffix, else by content."""
+    if format is not None:
+        if format not in registry.importers:
+            raise ModelLoadError(f"unknown model format '{format}'",
+                                 f"--format must be one of: {_known(registry)}")
+        _ensure_available(registry.importers[format])
+        return registry.importers[format]()
+    name = path.name.lower()
+    by_suffix = [cls for cls in registry.importers.values()
+                 if any(name.endswith(suffix.lower()) for suffix in cls.suffixes)]
+    head = _read_head(path)
+    if len(by_suffix) == 1:
+        _ensure_available(by_suffix[0])
+        return by_suffix[0]()
+    # Several importers claim the suffix, or none does: the content decides. An importer
+    # that is not installed cannot sniff (it may need its own package), so it is skipped.
+    candidates = by_suffix or list(registry.importers.values())
+    for cls in candidates:
+        if cls.available() and cls().sniff(path, head):
+            return cls()
+    if by_suffix:
+        _ensure_available(by_suffix[0])
+        return by_suffix[0]()
+    raise ModelLoadError(
+        f"no importer recognizes {path} (suffix '{path.suffix or 'none'}', content unknown)",
+        f"pass --format NAME, one of: {_known(registry)}",
+    )
+
+
+def choose_object_importer(obj: Any, registry: Registry) -> Importer:
+    """The importer for an in-memory model object (an nn.Module, an onnx.ModelProto, ...)."""
+    for cls in registry.importers.values():
+        importer = cls()
+        if importer.accepts(obj):
+            _ensure_available(cls)
+            return importer
+    raise ModelLoadError(f"no importer accepts a {type(obj).__module__}.{type(obj).__qualname__} object",
+                         f"pass a model file, or an object of a supported framework ({_known(registry)})")
+
+
+def _object_name(obj: Any) -> str:
+    if isinstance(obj, onnx.ModelProto) and obj.graph.name:
+        return obj.graph.name
+    return type(obj).__name__
+
+
+def load_model(
+    source: str | os.PathLike[str] | Any,
+    *,
+    format: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    model_class: str | None = None,
+    registry: Registry | None = None,
+    name: str | None = None,
+) -> LoadedModel:
+    """Import ``source`` (a file path or a model object), normalize it and extract its layers.
+
+    ``input_shape`` is one sample's shape without the batch, (C, H, W) or (features,): it
+    fixes a dynamic model input, and framework models need it to be exported at all.
+    """
+    registry = _registry(registry)
+    options = ImportOptions(input_shape=input_shape, model_class=model_class)
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.exists():
+            raise ModelLoadError(f"model file {path} does not exist", "check the path")
+        importer = choose_importer(path, registry, format)
+        proto = importer.load(path, options)
+        display_name, source_text = name or path.stem, str(path)
+    else:
+        if format is not None and format not in registry.importers:
+            raise ModelLoadError(f"unknown model format '{format}'",
+                                 f"--format must be one of: {_known(registry)}")
+        importer = (registry.importers[format]() if format is not None
+                    else choose_object_importer(source, registry))
+        proto = importer.load(source, options)
+        display_name, source_text = name or _object_name(source), f"<{type(source).__name__}>"
+    normalized, warnings = normalize(proto, input_shape)
+    layers, skipped = extract_layers(normalized)
+    if input_shape is None:
+        unknown = [layer.name for layer in layers if layer.is_conv and layer.input_shape is None]
+        if unknown:
+            warnings.append(
+                f"input size unknown for {len(unknown)} convolution(s) ({', '.join(unknown[:3])}"
+                f"{', ...' if len(unknown) > 3 else ''}): the model's input is dynamic; "
+                "pass --input-shape C,H,W to profile their operator spectra"
+            )
+    return LoadedModel(
+        name=display_name,
+        format=importer.name,
+        framework=importer.framework,
+        opset=default_opset(normalized),
+        layers=tuple(layers),
+        skipped=tuple(skipped),
+        warnings=tuple(warnings),
+        source=source_text,
+        proto=normalized,
+    )

@@ -1,0 +1,161 @@
+"""Profiling a model: plan a backend per layer, compute, and stream each result to the store.
+
+A run is recorded before the first layer and closed after the last. Each layer's result is its
+own transaction, so a run interrupted at any point keeps every layer it finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from specprof.engine.base import Backend
+from specprof.engine.errors import SpecprofError
+from specprof.engine.plugins import Registry
+from specprof.engine.store import Store
+from specprof.engine.types import Boundary, Layer, LoadedModel, Request, Spectrum
+
+AUTO = "auto"
+Status = Literal["ok", "reused", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What the user asked for; stored with the run."""
+
+    backends: tuple[str, ...] = (AUTO,)
+    boundary: Boundary = "zeros"
+    device: str = "cpu"
+    top_k: int | None = None
+    precision: Literal["float64", "float32"] = "float64"
+    max_dense: int = 4096
+    force: bool = False
+
+    def request(self) -> Request:
+        return Request(boundary=self.boundary, device=self.device, top_k=self.top_k,
+                       precision=self.precision, max_dense=self.max_dense)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["backends"] = list(self.backends)
+        return data
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    """One (layer, backend) result of a run, as shown in the per-layer table."""
+
+    layer: Layer
+    backend: str
+    status: Status
+    spectrum: Spectrum | None = None
+    reason: str = ""
+
+
+@dataclass
+class ProfileResult:
+    run_id: int
+    model: LoadedModel
+    outcomes: list[LayerOutcome] = field(default_factory=list)
+
+
+def validate_backends(names: tuple[str, ...], registry: Registry) -> None:
+    """Fail before anything is stored when a named backend is unknown or unavailable."""
+    if not names:
+        raise SpecprofError("no backend given", "use --backend auto or a name from 'specprof backends'")
+    for name in names:
+        if name != AUTO:
+            registry.backend(name)
+
+
+def choose_backend(layer: Layer, request: Request, name: str,
+                   registry: Registry) -> tuple[Backend | None, str]:
+    """The backend to run on ``layer`` and why; (None, reason) when none can."""
+    if name != AUTO:
+        backend = registry.backend(name)
+        support = backend.supports(layer, request)
+        return (backend, support.reason) if support else (None, support.reason)
+    candidates = {n: b for n, b in registry.available_backends().items() if b.kind == "operator"}
+    answer = registry.pm.hook.specprof_select_backend(layer=layer, request=request,
+                                                      backends=candidates)
+    if answer is None:
+        reasons = "; ".join(f"{n}: {b.supports(layer, request).reason}"
+                            for n, b in candidates.items())
+        return None, f"no backend can handle this layer ({reasons or 'none installed'})"
+    chosen, reason = answer
+    return candidates[chosen], reason
+
+
+def _compute(backend: Backend, layer: Layer, request: Request) -> Spectrum:
+    """Run the backend; the result is labelled with the request's parameters (its identity
+    in the store) and the wall time, whatever the backend filled in."""
+    started = time.perf_counter()
+    spectrum = backend.compute(layer, request)
+    return replace(spectrum, params=request.params(),
+                   seconds=spectrum.seconds or time.perf_counter() - started)
+
+
+def profile_model(
+    model: LoadedModel,
+    config: ProfileConfig,
+    store: Store,
+    registry: Registry,
+    on_layer: Callable[[LayerOutcome], None] | None = None,
+) -> ProfileResult:
+    """Profile every layer of ``model`` with every requested backend, storing as it goes.
+
+    Results already stored for the same layer content, backend and parameters are reused
+    unless ``config.force``. A layer a backend can't handle is recorded as skipped with the
+    reason; a layer whose computation fails (e.g. NaN weights) is recorded as failed, and the
+    run goes on.
+    """
+    validate_backends(config.backends, registry)
+    request = config.request()
+    model_id, layer_ids = store.add_model(model)
+    run_id = store.start_run(model_id, {"model": model.name, **config.to_json()})
+    result = ProfileResult(run_id, model)
+    try:
+        for layer, layer_id in zip(model.layers, layer_ids, strict=True):
+            for name in config.backends:
+                outcome = _profile_layer(layer, layer_id, name, request, config, store, registry,
+                                         run_id)
+                result.outcomes.append(outcome)
+                if on_layer is not None:
+                    on_layer(outcome)
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted", "interrupted by the user")
+        raise
+    except BaseException as error:
+        store.finish_run(run_id, "failed", f"{type(error).__name__}: {error}")
+        raise
+    store.finish_run(run_id, "complete")
+    return result
+
+
+def _profile_layer(layer: Layer, layer_id: int, name: str, request: Request,
+                   config: ProfileConfig, store: Store, registry: Registry,
+                   run_id: int) -> LayerOutcome:
+    backend, reason = choose_backend(layer, request, name, registry)
+    label = backend.name if backend is not None else name
+    if backend is None:
+        store.add_layer_result(run_id, layer_id, label, None, "skipped", reason)
+        return LayerOutcome(layer, label, "skipped", reason=reason)
+    if not config.force:
+        stored = store.find_spectrum(layer.content_hash, backend.name, request.params())
+        if stored is not None:
+            store.add_spectrum(run_id, layer_id, stored)
+            registry.pm.hook.specprof_layer_done(run_id=run_id, layer=layer, spectrum=stored,
+                                                 reused=True)
+            return LayerOutcome(layer, label, "reused", stored, "same layer already in the store")
+    try:
+        spectrum = _compute(backend, layer, request)
+    except (SpecprofError, ArithmeticError, ValueError, MemoryError) as error:
+        message = error.one_line() if isinstance(error, SpecprofError) else f"{type(error).__name__}: {error}"
+        store.add_layer_result(run_id, layer_id, label, backend.kind, "failed", message)
+        return LayerOutcome(layer, label, "failed", reason=message)
+    store.add_spectrum(run_id, layer_id, spectrum)
+    registry.pm.hook.specprof_layer_done(run_id=run_id, layer=layer, spectrum=spectrum,
+                                         reused=False)
+    return LayerOutcome(layer, label, "ok", spectrum, reason)

@@ -1,0 +1,1 @@
+"""Built-in analyzers: they read stored runs and write their metrics back."""

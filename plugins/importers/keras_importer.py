@@ -1,0 +1,293 @@
+"""The Keras/TensorFlow importer: ``.keras`` files, legacy HDF5 ``.h5``/``.hdf5``, SavedModel
+folders, and ``keras.Model`` objects, converted to ONNX by tf2onnx.
+
+Layout: Keras works channels-last (N, H, W, C); ONNX and the rest of specprof work
+channels-first. The model is wrapped in a ``tf.function`` that takes a channels-first input
+and transposes it, so tf2onnx emits NCHW ``Conv`` nodes whose weights are already
+(c_out, c_in/groups, kh, kw) and the graph input is (N, C, H, W): the user's
+``input_shape`` is (C, H, W) for every framework. Inputs of rank 2 (features) are passed as
+they are.
+
+What the converter does on the way (TensorFlow's grappler, which tf2onnx always runs):
+an inference-mode BatchNormalization right after a convolution is folded into that
+convolution's weights, as torch's ONNX exporter does in eval mode. SeparableConv2D becomes
+two ``Conv`` nodes (depthwise, group = C, then pointwise 1x1), DepthwiseConv2D a grouped
+``Conv``, Conv2DTranspose a ``ConvTranspose``, Dense a ``MatMul``.
+
+tensorflow and tf2onnx are imported inside functions only: they take seconds to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from specprof.engine import hookimpl
+from specprof.engine.base import Importer, ImportOptions
+from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
+from specprof.engine.normalize import TARGET_OPSET
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"
+_SHAPE_HINT = "pass --input-shape C,H,W (channels first, as for every framework)"
+
+
+@contextlib.contextmanager
+def quiet_tensorflow() -> Iterator[None]:
+    """Silence TensorFlow's and tf2onnx's log lines and warnings; failures still raise.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` only takes effect if set before tensorflow is first imported,
+    so it is set (when the user has not set it) for the duration of the call.
+    """
+    previous = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if previous is None:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "tf2onnx", "absl")]
+    levels = [logger.level for logger in loggers]
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if previous is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (converters write whole pages)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def import_tf2onnx(what: str, extra: str) -> tuple[Any, Any]:
+    """(tensorflow, tf2onnx), or ``MissingExtraError`` naming ``extra``."""
+    try:
+        with quiet_tensorflow():
+            import tensorflow as tf
+            import tf2onnx
+    except ImportError as error:
+        raise MissingExtraError(what, extra) from error
+    return tf, tf2onnx
+
+
+def unsupported_ops(model: onnx.ModelProto) -> list[str]:
+    """Ops tf2onnx could not convert: it leaves them as nodes in a non-ONNX domain."""
+    known = {"", "ai.onnx", "ai.onnx.ml"}
+    return sorted({f"{node.op_type}" for node in model.graph.node if node.domain not in known})
+
+
+def check_converted(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Refuse a conversion that left TensorFlow ops in the graph, naming them."""
+    ops = unsupported_ops(model)
+    if ops:
+        raise ModelLoadError(
+            f"{source}: tf2onnx cannot convert the op(s) {', '.join(ops)}",
+            "these ops have no ONNX equivalent; export the model without them "
+            "(e.g. a non-streaming, float or int8 variant)",
+        )
+    return model
+
+
+def _channels_last(shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    """(C, *spatial) -> (*spatial, C)."""
+    return (*shape[1:], shape[0])
+
+
+def _channels_first(shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    """(*spatial, C) -> (C, *spatial)."""
+    return (shape[-1], *shape[:-1])
+
+
+def _signature(tf: Any, specs: Sequence[Any], input_shape: tuple[int, ...] | None) -> list[Any]:
+    """Channels-first ``TensorSpec``s of the model's inputs; ``input_shape`` fixes the first.
+
+    ``specs`` are the model's own (channels-last) input specs, batch included.
+    """
+    signature = []
+    for position, spec in enumerate(specs):
+        shape = list(spec.shape)
+        sample = shape[1:]
+        if position == 0 and input_shape is not None:
+            if len(input_shape) != len(sample):
+                raise InputShapeError(
+                    f"input shape {input_shape} has {len(input_shape)} dims but the model's input "
+                    f"takes {len(sample)} after the batch (channels first: "
+                    f"{_channels_first(sample) if len(sample) >= 2 else tuple(sample)})",
+                    _SHAPE_HINT,
+                )
+            wanted = _channels_last(input_shape) if len(sample) >= 2 else tuple(input_shape)
+            for have, want in zip(sample, wanted, strict=True):
+                if have is not None and have != want:
+                    raise InputShapeError(
+                        f"input shape {input_shape} does not fit the model's input "
+                        f"{_channels_first(sample) if len(sample) >= 2 else tuple(sample)} "
+                        "(channels first, '?' = any)".replace("None", "?"),
+                        _SHAPE_HINT,
+                    )
+            sample = list(wanted)
+        first = _channels_first(sample) if len(sample) >= 2 else tuple(sample)
+        name = re.sub(r"[^A-Za-z0-9_]", "_", getattr(spec, "name", None) or f"input_{position}")
+        signature.append(tf.TensorSpec((shape[0], *first), spec.dtype, name=name))
+    return signature
+
+
+def convert_callable(call: Any, specs: Sequence[Any], input_shape: tuple[int, ...] | None,
+                     name: str) -> onnx.ModelProto:
+    """ONNX of ``call(*inputs)`` (a Keras model or a SavedModel signature) on channels-first inputs.
+
+    Each input of rank 3 or more is transposed back to channels-last inside the traced
+    function; tf2onnx's transpose optimizer then pushes the transposes through the graph.
+    """
+    tf, tf2onnx = import_tf2onnx("Keras/TensorFlow models", "keras")
+    signature = _signature(tf, specs, input_shape)
+
+    def to_channels_last(x: Any) -> Any:
+        rank = len(x.shape)
+        return x if rank < 3 else tf.transpose(x, [0, *range(2, rank), 1])
+
+    @tf.function(input_signature=signature)
+    def channels_first(*inputs: Any) -> Any:
+        return call(*[to_channels_last(x) for x in inputs])
+
+    try:
+        with quiet_tensorflow():
+            model, _ = tf2onnx.convert.from_function(channels_first, input_signature=signature,
+                                                     opset=TARGET_OPSET)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as error:
+        raise ModelLoadError(f"{name}: tf2onnx could not convert the model ({first_line(error)})",
+                             "check that the model runs in TensorFlow on this input shape") from error
+    model.graph.name = name
+    return check_converted(model, name)
+
+
+def _keras_error(path: Path, error: BaseException) -> ModelLoadError:
+    """A one-line error for a file Keras refuses, naming the layer class when it is custom."""
+    text = str(error)
+    match = (re.search(r"Unknown (?:layer|object|class)[^'\"]*['\"]([^'\"]+)['\"]", text)
+             or re.search(r"Could not locate (?:class|function) ['\"]([^'\"]+)['\"]", text))
+    if match:
+        return ModelLoadError(
+            f"{path}: the model uses the custom layer '{match.group(1)}', which Keras cannot rebuild "
+            "without its code",
+            "load the model in Python with custom_objects={...} and pass the keras.Model to "
+            "specprof.load_model, or save it with standard layers only",
+        )
+    return ModelLoadError(f"{path} is not a Keras model Keras can load ({first_line(error)})",
+                          "check that the file is complete and was saved by Keras (model.save)")
+
+
+def _is_keras_zip(path: Path) -> bool:
+    """A Keras 3 ``.keras`` archive holds config.json and model.weights.h5."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return "config.json" in names and "model.weights.h5" in names
+
+
+class KerasImporter(Importer):
+    """Keras models (.keras, .h5/.hdf5, SavedModel folders, keras.Model objects) via tf2onnx."""
+
+    name = "keras"
+    description = ("Keras/TensorFlow models: .keras, legacy HDF5 .h5/.hdf5, SavedModel folders, "
+                   "keras.Model objects (via tf2onnx)")
+    framework = "keras"
+    suffixes = (".keras", ".h5", ".hdf5")
+    requires = ("tensorflow", "tf2onnx")
+    extra = "keras"
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        if path.is_dir():
+            return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+        if head.startswith(HDF5_MAGIC):
+            return True
+        return head.startswith(_ZIP_MAGIC) and _is_keras_zip(path)
+
+    def accepts(self, obj: Any) -> bool:
+        # A Keras model can only exist if keras (or tensorflow) is loaded: no import needed.
+        classes = [module.Model for module in (sys.modules.get("keras"),)
+                   if module is not None and hasattr(module, "Model")]
+        tf = sys.modules.get("tensorflow")
+        if tf is not None and hasattr(tf, "keras"):
+            with contextlib.suppress(AttributeError, ImportError):
+                classes.append(tf.keras.Model)
+        return bool(classes) and isinstance(obj, tuple(classes))
+
+    def load(self, source: Path | Any, options: ImportOptions) -> onnx.ModelProto:
+        tf, _ = import_tf2onnx("Keras/TensorFlow models", "keras")
+        if not isinstance(source, str | Path):
+            return self._from_model(source, options, getattr(source, "name", "keras_model"))
+        path = Path(source)
+        if path.is_dir():
+            return self._from_saved_model(tf, path, options)
+        try:
+            with quiet_tensorflow():
+                model = tf.keras.models.load_model(str(path), compile=False)
+        except (ValueError, TypeError, OSError, KeyError, AttributeError) as error:
+            raise _keras_error(path, error) from error
+        return self._from_model(model, options, path.stem)
+
+    def _from_model(self, model: Any, options: ImportOptions, name: str) -> onnx.ModelProto:
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            raise ModelLoadError(
+                f"the Keras model '{name}' has no defined inputs (a subclassed model never called)",
+                "build it first (model.build((None, H, W, C)) or call it once), or use keras.Input",
+            )
+
+        def call(*tensors: Any) -> Any:
+            return model(list(tensors) if len(tensors) > 1 else tensors[0], training=False)
+
+        return convert_callable(call, inputs, options.input_shape, name)
+
+    def _from_saved_model(self, tf: Any, path: Path, options: ImportOptions) -> onnx.ModelProto:
+        if not (path / "saved_model.pb").is_file():
+            raise ModelLoadError(f"{path} is a folder without saved_model.pb",
+                                 "pass a SavedModel folder (tf.saved_model.save) or a model file")
+        try:
+            with quiet_tensorflow():
+                loaded = tf.saved_model.load(str(path))
+        except (ValueError, TypeError, OSError, RuntimeError) as error:
+            raise ModelLoadError(f"{path} is not a SavedModel TensorFlow can load ({first_line(error)})",
+                                 "check that the folder is complete (saved_model.pb and variables/)") \
+                from error
+        signatures = dict(getattr(loaded, "signatures", {}) or {})
+        if not signatures:
+            raise ModelLoadError(
+                f"{path}: the SavedModel has no signatures, so there is no function to convert",
+                "save it with signatures (tf.saved_model.save(obj, path, signatures=fn)) "
+                "or export a Keras model with model.export(path)",
+            )
+        key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
+        function = signatures[key]
+        specs_by_name = function.structured_input_signature[1]
+        names = sorted(specs_by_name)
+        specs = [specs_by_name[n] for n in names]
+
+        def call(*tensors: Any) -> Any:
+            return function(**dict(zip(names, tensors, strict=True)))
+
+        return convert_callable(call, specs, options.input_shape, path.name)
+
+
+@hookimpl
+def specprof_register_importers() -> list[type]:
+    return [KerasImporter]

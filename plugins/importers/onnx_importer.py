@@ -1,0 +1,111 @@
+"""The ONNX importer: reads ``.onnx`` files (and takes ``onnx.ModelProto`` objects) as they are.
+
+External data files are read only from inside the model's own folder: a model file is
+untrusted input, and a tensor location such as ``../../etc/passwd`` or ``/home/x/.ssh/key``
+must not make specprof read files elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from specprof.engine import hookimpl
+from specprof.engine.base import Importer, ImportOptions
+from specprof.engine.errors import ModelLoadError
+
+# ModelProto field tags as protobuf writes them: ir_version (field 1, varint) comes first,
+# followed by producer_name/version, domain, model_version, doc_string, graph, opset_import...
+_IR_VERSION_TAG = 0x08
+_NEXT_FIELD_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0x7A})
+_HINT = "check that the file is a complete ONNX model (re-export or re-download it)"
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers and attribute tensors of the model and all its subgraphs."""
+    # onnx has no public walker; this private helper is the one load_external_data uses.
+    return list(external_data_helper._get_all_tensors(model))
+
+
+def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
+    """Refuse any external-data location that is absolute or resolves outside ``folder``.
+
+    Symlinks and ``..`` are resolved before the comparison, so a link inside the folder that
+    points outside is refused too.
+    """
+    root = folder.resolve()
+    for tensor in _all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        if not location or os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("\\", "/")):
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' points to external data at '{location}', an absolute or "
+                "empty path; only files inside the model's folder are read",
+                f"put the data file next to the model and set its location relative to {root}",
+            )
+        target = (root / location).resolve()
+        if not target.is_relative_to(root):
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' points to external data at '{location}', which is "
+                f"outside the model's folder {root}",
+                "move the data file into the model's folder and fix its location",
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' needs the external data file '{location}', which is missing",
+                f"copy '{location}' next to the model in {root}",
+            )
+
+
+class OnnxImporter(Importer):
+    """ONNX models, read as they are."""
+
+    name = "onnx"
+    description = "ONNX models (.onnx), external data kept inside the model's folder"
+    framework = "onnx"
+    suffixes = (".onnx",)
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        """A serialized ModelProto starts with its ir_version field, then another known field."""
+        if len(head) < 3 or head[0] != _IR_VERSION_TAG or not 1 <= head[1] <= 0x7F:
+            return False
+        return head[2] in _NEXT_FIELD_TAGS
+
+    def accepts(self, obj: Any) -> bool:
+        return isinstance(obj, onnx.ModelProto)
+
+    def load(self, source: Path | Any, options: ImportOptions) -> onnx.ModelProto:
+        if isinstance(source, onnx.ModelProto):
+            model = onnx.ModelProto()
+            model.CopyFrom(source)
+            if any(external_data_helper.uses_external_data(t) for t in _all_tensors(model)):
+                raise ModelLoadError(
+                    "the ONNX model object refers to external data that is not loaded",
+                    "load it from its file, or call onnx.load_external_data_for_model first",
+                )
+            return model
+        path = Path(source)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, ValueError, RuntimeError) as error:
+            reason = str(error).strip() or type(error).__name__
+            raise ModelLoadError(f"{path} is not a valid ONNX model ({reason})", _HINT) from error
+        if not model.HasField("graph") or model.ir_version <= 0:
+            raise ModelLoadError(f"{path} is not a valid ONNX model (no graph or IR version)", _HINT)
+        check_external_locations(model, path.parent)
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot read the external data of {path} ({error})", _HINT) from error
+        return model
+
+
+@hookimpl
+def specprof_register_importers() -> list[type]:
+    return [OnnxImporter]

@@ -1,0 +1,364 @@
+"""The results store, run against a SQLite file and the PostgreSQL server (``db_url`` fixture).
+
+Models, layers and spectra are built directly (no importers), so these tests exercise the store
+alone. Databases are created by the migrations, as in production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from specprof.engine.db_models import Base
+from specprof.engine.errors import StoreError
+from specprof.engine.store import (
+    VERSION_TABLE,
+    Store,
+    alembic_config,
+    default_db_path,
+    glob_to_like,
+    resolve_url,
+)
+from specprof.engine.types import Layer, LoadedModel, Spectrum
+
+TABLES = {"models", "layers", "runs", "spectra"}
+
+
+def make_model(name: str = "net", seed: int = 0, layer_names: tuple[str, ...] = ("conv1", "fc"),
+               ) -> LoadedModel:
+    """A small model whose content (and so its hash) depends only on ``seed``."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for index, layer_name in enumerate(layer_names):
+        if layer_name.startswith("fc"):
+            layers.append(Layer(layer_name, "Gemm", rng.standard_normal((10, 16)),
+                                input_shape=(16,), index=index))
+        else:
+            layers.append(Layer(layer_name, "Conv", rng.standard_normal((16, 3, 3, 3)),
+                                strides=(2, 2), pads=(1, 1, 1, 1), input_shape=(3, 8, 8),
+                                output_shape=(16, 4, 4), index=index))
+    return LoadedModel(name=name, format="onnx", framework="pytorch", opset=17,
+                       layers=tuple(layers))
+
+
+def make_spectrum(values: list[float], backend: str = "exact", kind: str = "operator",
+                  **fields: object) -> Spectrum:
+    return Spectrum(values=np.array(values), kind=kind, backend=backend,  # type: ignore[arg-type]
+                    exact=True, params={"boundary": "zeros", "top_k": None}, **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    with Store.open(db_url) as opened:
+        yield opened
+
+
+def _revision(url: str) -> str | None:
+    """The schema revision, read with Alembic itself rather than through the store."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def _head() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+
+def test_new_database_is_created_by_the_migrations(db_url: str) -> None:
+    assert _revision(db_url) is None
+    with Store.open(db_url) as store:
+        assert store.counts() == dict.fromkeys(TABLES, 0)
+        with store.engine.connect() as connection:
+            tables = set(sqlalchemy.inspect(connection).get_table_names())
+            context = MigrationContext.configure(
+                connection, opts={"version_table": VERSION_TABLE, "compare_type": True})
+            # The migrations and the ORM models describe the same schema.
+            assert compare_metadata(context, Base.metadata) == []
+    assert TABLES | {VERSION_TABLE} <= tables
+    assert _revision(db_url) == _head() == "0001"
+
+
+def test_older_schema_refuses_to_open_until_upgraded(db_url: str) -> None:
+    Store.open(db_url).close()
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "base")
+    engine.dispose()
+    assert _revision(db_url) is None
+
+    with pytest.raises(StoreError) as refused:
+        Store.open(db_url)
+    line = refused.value.one_line()
+    assert "specprof db upgrade --db" in line and "\n" not in line
+    assert _revision(db_url) is None  # refusing did not upgrade behind the user's back
+
+    assert Store.upgrade_url(db_url) == (None, _head())
+    with Store.open(db_url) as store:
+        assert store.revision() == _head()
+        assert store.counts()["models"] == 0
+
+
+def test_newer_schema_is_refused(db_url: str) -> None:
+    Store.open(db_url).close()
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="newer specprof"):
+        Store.open(db_url)
+    with pytest.raises(StoreError, match="newer specprof"):
+        Store.upgrade_url(db_url)
+    assert _revision(db_url) == "9999"
+
+
+# --- writes and reads --------------------------------------------------------------------------
+
+
+def test_spectrum_round_trip_is_exact(store: Store) -> None:
+    model_id, (conv_id, fc_id) = store.add_model(make_model())
+    run_id = store.start_run(model_id, {"backend": "filter", "path": Path("/x/model.onnx")})
+    rng = np.random.default_rng(1)
+    vectors64 = rng.standard_normal((16, 16))
+    vectors32 = rng.standard_normal((10, 10)).astype(np.float32)
+    values = np.sort(rng.random(4))[::-1] * 3
+    first = make_spectrum(list(values), backend="filter", kind="filter", left_vectors=vectors64,
+                          multiplicities=np.array([1, 7, 2, 5]), upper_bound=3.5,
+                          lower_bound=0.25, seconds=0.125, device="cpu", note="hello")
+    second = make_spectrum([1e-300, 2.0**0.5, np.pi], kind="filter", backend="filter",
+                           left_vectors=vectors32)
+    ids = [store.add_spectrum(run_id, conv_id, first), store.add_spectrum(run_id, fc_id, second)]
+
+    back = store.load_spectrum(ids[0])
+    np.testing.assert_array_equal(back.values, first.values)
+    np.testing.assert_array_equal(back.multiplicities, first.multiplicities)
+    np.testing.assert_array_equal(back.left_vectors, vectors64)
+    assert (back.kind, back.backend, back.exact, back.note) == ("filter", "filter", True, "hello")
+    assert (back.upper_bound, back.lower_bound, back.seconds) == (3.5, 0.25, 0.125)
+    assert back.params == first.params and back.n_values == 15
+    back2 = store.load_spectrum(ids[1])
+    assert back2.multiplicities is None and back2.left_vectors.dtype == np.float32
+    np.testing.assert_array_equal(back2.left_vectors, vectors32)
+    np.testing.assert_array_equal(back2.values, [np.pi, 2.0**0.5, 1e-300])
+
+
+def test_runs_record_status_and_counts(store: Store) -> None:
+    model_id, (conv_id, fc_id) = store.add_model(make_model())
+    run_id = store.start_run(model_id, {"backend": "exact"})
+    assert store.runs().loc[0, "status"] == "running"
+    store.add_spectrum(run_id, conv_id, make_spectrum([2.0, 1.0]))
+    store.add_layer_result(run_id, fc_id, "exact", None, "skipped", "no input shape")
+    store.finish_run(run_id, "complete")
+    runs = store.runs()
+    assert runs.loc[0, ["id", "model", "status", "n_spectra", "n_skipped"]].tolist() == \
+        [run_id, "net", "complete", 1, 1]
+    assert runs.loc[0, "finished"] is not None
+    assert store.counts() == {"models": 1, "layers": 2, "runs": 1, "spectra": 2}
+
+
+def test_failed_write_leaves_nothing(store: Store) -> None:
+    _, (conv_id, _) = store.add_model(make_model())
+    before = store.counts()
+    with pytest.raises(StoreError):
+        store.add_spectrum(987654, conv_id, make_spectrum([1.0]))  # no such run: FK violation
+    with pytest.raises(StoreError):
+        store.add_spectrum(1, 987654, make_spectrum([1.0]))  # no such layer
+    assert store.counts() == before
+
+
+def test_model_get_or_create_by_content(store: Store) -> None:
+    first = store.add_model(make_model("net", seed=0))
+    renamed = store.add_model(make_model("net-reexported", seed=0))
+    other = store.add_model(make_model("net", seed=1))
+    assert renamed == first
+    assert other[0] != first[0] and set(other[1]).isdisjoint(first[1])
+    assert store.counts() == {"models": 2, "layers": 4, "runs": 0, "spectra": 0}
+
+
+def test_find_spectrum_returns_newest_ok_match(store: Store) -> None:
+    model = make_model()
+    model_id, (conv_id, _) = store.add_model(model)
+    run_id = store.start_run(model_id, {})
+    layer_hash = model.layers[0].content_hash
+    params = {"boundary": "zeros", "top_k": None}
+    assert store.find_spectrum(layer_hash, "exact", params) is None
+    store.add_spectrum(run_id, conv_id, make_spectrum([2.0]))
+    store.add_spectrum(run_id, conv_id, make_spectrum([5.0]))
+    store.add_layer_result(run_id, conv_id, "exact", "operator", "failed", "boom")
+    found = store.find_spectrum(layer_hash, "exact", params)
+    assert found is not None and found.values.tolist() == [5.0]
+    assert store.find_spectrum(layer_hash, "exact", {**params, "boundary": "circular"}) is None
+    assert store.find_spectrum(layer_hash, "filter", params) is None
+    # The same layer content in another model is found too (dedupe is by content).
+    assert store.find_spectrum(make_model("copy").layers[0].content_hash, "exact", params)
+
+
+def _fill_for_queries(store: Store) -> tuple[int, int]:
+    resnet = make_model("resnet_a", seed=0, layer_names=("layer1.conv", "layer2.conv", "fc"))
+    other = make_model("resnetXa", seed=1, layer_names=("layer1.conv",))
+    ids = {}
+    for model in (resnet, other):
+        model_id, layer_ids = store.add_model(model)
+        run_id = store.start_run(model_id, {})
+        for layer_id, value in zip(layer_ids, (3.0, 2.0, 1.0), strict=False):
+            store.add_spectrum(run_id, layer_id, make_spectrum([value, value / 4]))
+            store.add_spectrum(run_id, layer_id, make_spectrum([value], "filter", "filter"))
+        ids[model.name] = run_id
+    return ids["resnet_a"], ids["resnetXa"]
+
+
+def test_query_filters_globs_and_order(store: Store) -> None:
+    run_a, run_x = _fill_for_queries(store)
+    everything = store.query()
+    assert len(everything) == 8
+    # Newest run first, then layer position.
+    assert everything["run"].tolist() == [run_x] * 2 + [run_a] * 6
+    assert everything["layer_index"].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    first = everything.iloc[2]
+    assert (first["model"], first["layer"], first["op_type"]) == ("resnet_a", "layer1.conv", "Conv")
+    assert (first["shape"], first["input_shape"], first["sigma_max"]) == ("16x3x3x3", "3x8x8", 3.0)
+
+    # '_' in a glob is a literal underscore, not SQL's any-character.
+    assert set(store.query(model="resnet_a")["model"]) == {"resnet_a"}
+    assert set(store.query(model="resnet?a")["model"]) == {"resnet_a", "resnetXa"}
+    assert set(store.query(model="RESNET*")["model"]) == {"resnet_a", "resnetXa"}
+    assert store.query(layer="layer?.conv", backend="exact")["layer"].tolist() == \
+        ["layer1.conv", "layer1.conv", "layer2.conv"]
+    assert store.query(layer="f*")["layer"].tolist() == ["fc", "fc"]
+    assert set(store.query(kind="filter")["backend"]) == {"filter"}
+    assert set(store.query(run=run_x)["model"]) == {"resnetXa"}
+    assert store.query(model="nothing*").empty
+    assert len(store.query(limit=3)) == 3
+
+
+def test_query_values_expands_multiplicities(store: Store) -> None:
+    model_id, (conv_id, fc_id) = store.add_model(make_model())
+    run_id = store.start_run(model_id, {})
+    store.add_spectrum(run_id, conv_id, make_spectrum([1.0, 3.0, 2.0],
+                                                      multiplicities=np.array([1, 2, 3])))
+    store.add_layer_result(run_id, fc_id, "exact", "operator", "failed", "too big")
+    frame = store.query(values=True)
+    assert frame.loc[0, "singular_values"] == [3.0, 3.0, 2.0, 2.0, 2.0, 1.0]
+    assert frame.loc[0, "n_values"] == 6
+    assert frame.loc[1, "singular_values"] is None
+    assert (frame.loc[1, "status"], frame.loc[1, "message"]) == ("failed", "too big")
+    assert "singular_values" not in store.query().columns
+
+
+def test_load_spectrum_of_a_skipped_layer_says_so(store: Store) -> None:
+    model_id, (conv_id, _) = store.add_model(make_model())
+    skipped = store.add_layer_result(store.start_run(model_id, {}), conv_id, "exact", None,
+                                     "skipped", "MatMul of two activations")
+    with pytest.raises(StoreError, match="no values"):
+        store.load_spectrum(skipped)
+    with pytest.raises(StoreError, match="no spectrum"):
+        store.load_spectrum(skipped + 100)
+
+
+# --- opening: URLs and failures ----------------------------------------------------------------
+
+
+def test_resolve_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_db_path() == tmp_path / "specprof" / "specprof.db"
+    assert resolve_url(None) == f"sqlite:///{tmp_path}/specprof/specprof.db"
+    monkeypatch.setenv("SPECPROF_DB", "postgres://u@h/db")
+    assert resolve_url(None) == "postgresql+psycopg://u@h/db"
+    assert resolve_url("postgresql://u:p@h:5/db") == "postgresql+psycopg://u:p@h:5/db"
+    assert resolve_url("postgresql+psycopg2://h/db") == "postgresql+psycopg2://h/db"
+    assert resolve_url(str(tmp_path / "a.db")) == f"sqlite:///{tmp_path}/a.db"
+    assert resolve_url("sqlite:///rel.db") == "sqlite:///rel.db"
+
+
+def test_glob_to_like() -> None:
+    assert glob_to_like("layer?.*") == "layer_.%"
+    assert glob_to_like("50%_a\\b") == "50\\%\\_a\\\\b"
+
+
+def test_default_database_is_created_under_the_data_home(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    with Store.open() as store:
+        assert store.counts()["runs"] == 0
+    assert (tmp_path / "data" / "specprof" / "specprof.db").is_file()
+
+
+def test_unreachable_server_is_one_line_with_the_password_masked() -> None:
+    with pytest.raises(StoreError) as failure:
+        Store.open("postgresql://someone:s3cret@127.0.0.1:1/test")
+    line = failure.value.one_line()
+    assert "\n" not in line and "127.0.0.1:1" in line and "s3cret" not in line
+    assert "***" in line and "server is running" in failure.value.hint
+
+
+def test_unwritable_sqlite_path_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    target = blocker / "sub" / "specprof.db"
+    with pytest.raises(StoreError) as failure:
+        Store.open(str(target))
+    assert "\n" not in failure.value.one_line() and str(blocker) in failure.value.message
+    assert blocker.read_text() == "a file where a folder should be"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["not-a-folder"]
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are notes, not SQLite " * 100)
+    with pytest.raises(StoreError) as failure:
+        Store.open(str(path))
+    assert "\n" not in failure.value.one_line()
+    assert path.read_bytes() == b"these are notes, not SQLite " * 100
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+WRITER = """
+import sys
+import numpy as np
+from specprof.engine.store import Store
+from specprof.engine.types import Layer, LoadedModel, Spectrum
+
+layers = tuple(Layer(f"fc{i}", "Gemm", np.full((3, 3), float(i)), input_shape=(3,))
+               for i in range(8))
+with Store.open(sys.argv[1]) as store:
+    model_id, layer_ids = store.add_model(LoadedModel("m", "onnx", "numpy", 17, layers))
+    run_id = store.start_run(model_id, {})
+    for layer_id in layer_ids:
+        store.add_spectrum(run_id, layer_id, Spectrum(np.arange(1.0, 30.0), "operator", "exact",
+                                                      True))
+    store.finish_run(run_id, "complete")
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_writers_lose_nothing(db_url: str, tmp_path: Path) -> None:
+    """Processes that create the database, the model and their runs at once all succeed."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    writers = [subprocess.Popen([sys.executable, str(script), db_url], stderr=subprocess.PIPE,
+                                text=True) for _ in range(3)]
+    errors = [writer.communicate(timeout=120)[1] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0, 0], errors
+    with Store.open(db_url) as store:
+        assert store.counts() == {"models": 1, "layers": 8, "runs": 3, "spectra": 24}
+        runs = store.runs()
+        assert runs["status"].tolist() == ["complete"] * 3
+        assert runs["n_spectra"].tolist() == [8] * 3
