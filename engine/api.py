@@ -25,8 +25,10 @@ from specprof.engine.profile import (
     profile_model,
     validate_backends,
 )
-from specprof.engine.store import Store
+from specprof.engine.store import Store, load_spectrum
 from specprof.engine.types import Boundary, Layer, LoadedModel, Request, Spectrum
+
+__all__ = ["load_model", "load_spectrum", "profile", "query", "singular_values"]
 
 OUTCOME_COLUMNS = ["run", "layer", "op_type", "shape", "backend", "status", "sigma_max",
                    "sigma_min", "n_values", "seconds", "reason"]
@@ -78,17 +80,19 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
             db: str | None = None, input_shape: str | Sequence[int] | None = None,
             boundary: Boundary = "zeros", device: str = "cpu", top_k: int | None = None,
             precision: str = "float64", max_dense: int = 4096, force: bool = False,
-            format: str | None = None, model_class: str | None = None, name: str | None = None,
+            resume: bool = False, format: str | None = None, model_class: str | None = None, name: str | None = None,
             on_layer: Callable[[LayerOutcome], None] | None = None) -> pd.DataFrame:
     """Profile every linear layer of ``model`` and store the run; returns the per-layer table.
 
     ``backend`` is a name, a comma-separated list or a sequence of names (``auto`` picks per
-    layer). The run's id is in ``frame.attrs["run_id"]``.
+    layer). The run's id is in ``frame.attrs["run_id"]``. Spectra already stored for the same
+    layer content, backend and parameters are reused unless ``force``; ``resume`` continues the
+    last interrupted run of this model and configuration instead of starting a new one.
     """
     names = tuple(b.strip() for b in backend.split(",")) if isinstance(backend, str) else tuple(backend)
     config = ProfileConfig(backends=names, boundary=boundary, device=device, top_k=top_k,
                            precision=precision,  # type: ignore[arg-type]
-                           max_dense=max_dense, force=force)
+                           max_dense=max_dense, force=force, resume=resume)
     registry = Registry.from_manager()
     loaded = load_model(model, format=format, input_shape=input_shape, model_class=model_class,
                         name=name, registry=registry)
@@ -100,11 +104,16 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
 
 def query(*, db: str | None = None, model: str | None = None, layer: str | None = None,
           backend: str | None = None, kind: str | None = None, run: int | None = None,
-          values: bool = False) -> pd.DataFrame:
-    """Stored spectra as a DataFrame, newest run first; ``model``/``layer`` are globs."""
+          values: bool = False, where: str | None = None, sort: str | None = None,
+          limit: int | None = None) -> pd.DataFrame:
+    """Stored spectra as a DataFrame, newest run first.
+
+    ``model``/``layer`` are globs; ``where`` filters summary columns (``"sigma_max > 3 and
+    stable_rank < 10"``); ``sort`` names a column (``-`` in front for descending).
+    """
     with Store.open(db) as store:
         return store.query(model=model, layer=layer, backend=backend, kind=kind, run=run,
-                           values=values)
+                           values=values, where=where, sort=sort, limit=limit)
 
 
 def singular_values(layer: Layer, backend: str = AUTO, *, boundary: Boundary = "zeros",

@@ -35,12 +35,17 @@ def _console(quiet: bool = False) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):
-        return _jsonable(value.item())
+    """A JSON-ready copy of a table cell: NaN/NA -> null, numpy scalars -> Python, times -> ISO."""
+    import pandas as pd  # already imported by whoever built the frame
+
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return None
+    if hasattr(value, "isoformat"):  # datetime, pandas Timestamp
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalar
+        return value.item()
     return value
 
 
@@ -109,12 +114,15 @@ def _model_options(func: Any) -> Any:
 @click.option("--max-dense", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Largest matrix side the dense exact SVD accepts.")
 @click.option("--force", is_flag=True, help="Recompute spectra already in the database.")
+@click.option("--resume", is_flag=True,
+              help="Continue the last interrupted run of this model and configuration.")
 @click.option("--name", help="Name to store the model under (default: the file name).")
 @_model_options
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int | None,
-            device: str, precision: str, max_dense: int, force: bool, name: str | None,
+            device: str, precision: str, max_dense: int, force: bool, resume: bool,
+            name: str | None,
             input_shape: str | None, model_format: str | None, model_class: str | None,
             output_format: str, quiet: bool) -> None:
     """Compute the spectra of every linear layer of MODEL and store the run."""
@@ -127,7 +135,7 @@ def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int 
     with layer_progress(n_tasks, f"profiling {loaded.name}", quiet or output_format != "table") as tick:
         frame = api.profile(loaded, backend=backend, db=db, boundary=boundary,  # type: ignore[arg-type]
                             device=device, top_k=top_k, precision=precision,
-                            max_dense=max_dense, force=force, on_layer=tick)
+                            max_dense=max_dense, force=force, resume=resume, on_layer=tick)
     _warn(loaded.warnings, quiet)
     title = f"run {frame.attrs['run_id']}: {loaded.name} ({loaded.format}, {len(loaded.layers)} layers)"
     emit(frame.drop(columns=["run"]), output_format, title)

@@ -24,9 +24,16 @@ PROJECT = "specprof"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "specprof.plugins.importers.onnx_importer",
     "specprof.plugins.importers.torch_importer",
+    "specprof.plugins.importers.keras_importer",
+    "specprof.plugins.importers.tflite_importer",
+    "specprof.plugins.importers.jax_importer",
+    "specprof.plugins.importers.sklearn_importer",
     "specprof.plugins.backends.exact",
     "specprof.plugins.backends.filter",
+    "specprof.plugins.backends.fft_circulant",
+    "specprof.plugins.backends.toeplitz",
     "specprof.plugins.backends.selection",
+    "specprof.plugins.analyzers.hypergraph",
 )
 DISABLE_ENV = "SPECPROF_DISABLED_PLUGINS"
 

@@ -32,6 +32,9 @@ class ProfileConfig:
     precision: Literal["float64", "float32"] = "float64"
     max_dense: int = 4096
     force: bool = False
+    # Continue the newest interrupted/failed run of the same model and configuration (same
+    # run id), computing only the (layer, backend) results it lacks.
+    resume: bool = False
 
     def request(self) -> Request:
         return Request(boundary=self.boundary, device=self.device, top_k=self.top_k,
@@ -40,6 +43,7 @@ class ProfileConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["backends"] = list(self.backends)
+        del data["resume"]  # how the run was started, not what it computes
         return data
 
 
@@ -114,13 +118,17 @@ def profile_model(
     validate_backends(config.backends, registry)
     request = config.request()
     model_id, layer_ids = store.add_model(model)
-    run_id = store.start_run(model_id, {"model": model.name, **config.to_json()})
+    run_id, done = _start_or_resume(model_id, {"model": model.name, **config.to_json()}, config,
+                                    store)
     result = ProfileResult(run_id, model)
     try:
         for layer, layer_id in zip(model.layers, layer_ids, strict=True):
             for name in config.backends:
-                outcome = _profile_layer(layer, layer_id, name, request, config, store, registry,
-                                         run_id)
+                outcome = _resumed_outcome(layer, layer_id, name, request, done, store, registry,
+                                           run_id)
+                if outcome is None:
+                    outcome = _profile_layer(layer, layer_id, name, request, config, store,
+                                             registry, run_id)
                 result.outcomes.append(outcome)
                 if on_layer is not None:
                     on_layer(outcome)
@@ -132,6 +140,39 @@ def profile_model(
         raise
     store.finish_run(run_id, "complete")
     return result
+
+
+def _start_or_resume(model_id: int, run_config: dict[str, Any], config: ProfileConfig,
+                     store: Store) -> tuple[int, dict[tuple[int, str], tuple[str, int]]]:
+    """A new run, or with ``config.resume`` the run to continue and what it already holds."""
+    if config.resume:
+        run_id = store.resumable_run(model_id, run_config)
+        if run_id is not None:
+            store.reopen_run(run_id)
+            return run_id, store.run_results(run_id)
+    return store.start_run(model_id, run_config), {}
+
+
+def _resumed_outcome(layer: Layer, layer_id: int, name: str, request: Request,
+                     done: dict[tuple[int, str], tuple[str, int]], store: Store,
+                     registry: Registry, run_id: int) -> LayerOutcome | None:
+    """The outcome of a (layer, backend) the resumed run already stored; None if it has none.
+
+    Every result row was written in its own transaction, so one that exists is complete.
+    """
+    if not done:
+        return None
+    backend, reason = choose_backend(layer, request, name, registry)
+    label = backend.name if backend is not None else name
+    if (layer_id, label) not in done:
+        return None
+    status, row_id = done[(layer_id, label)]
+    if status != "ok":
+        return LayerOutcome(layer, label, status, reason=reason)  # type: ignore[arg-type]
+    spectrum = store.load_spectrum(row_id)
+    registry.pm.hook.specprof_layer_done(run_id=run_id, layer=layer, spectrum=spectrum,
+                                         reused=True)
+    return LayerOutcome(layer, label, "reused", spectrum, "already stored by this run")
 
 
 def _profile_layer(layer: Layer, layer_id: int, name: str, request: Request,

@@ -9,7 +9,7 @@ from typing import Any
 
 
 @contextmanager
-def layer_progress(total: int, description: str, quiet: bool = False) -> Iterator[Callable[[Any], None]]:
+def layer_progress(total: int | None, description: str, quiet: bool = False) -> Iterator[Callable[[Any], None]]:
     """Yield a callback to call once per finished task; draws a bar only on an interactive stderr."""
     if quiet or not sys.stderr.isatty():
         yield lambda _outcome: None

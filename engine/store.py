@@ -11,15 +11,18 @@ Arrays are stored as little-endian bytes (see ``specprof.engine.db_models``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.metadata
 import importlib.resources
 import json
 import math
 import os
+import re
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -33,10 +36,12 @@ from sqlalchemy import (
     URL,
     ColumnElement,
     Connection,
+    DateTime,
     Engine,
     Select,
     case,
     create_engine,
+    delete,
     event,
     func,
     inspect,
@@ -50,7 +55,9 @@ from sqlalchemy.orm import sessionmaker
 from specprof.engine.db_models import (
     RESULT_STATUSES,
     RUN_STATUSES,
+    AnalysisRow,
     Base,
+    HypergraphRow,
     LayerRow,
     ModelRow,
     RunRow,
@@ -76,6 +83,16 @@ _PG_MIGRATION_LOCK = 0x5EC7_0001
 VALUES_DTYPE = "<f8"
 MULTIPLICITIES_DTYPE = "<i8"
 VERSIONED_PACKAGES = ("specprof", "numpy", "scipy", "onnx", "sqlalchemy")
+
+EXPORT_FORMAT = "specprof-run"
+EXPORT_VERSION = 1
+EXPORT_SCHEMA = "run-export.schema.json"
+
+# The columns ``--where`` and ``--sort`` may name: summary columns of a result, never free SQL.
+WHERE_COLUMNS = ("sigma_max", "sigma_min", "frobenius", "stable_rank", "upper_bound",
+                 "lower_bound", "n_values", "seconds")
+SORT_COLUMNS = (*WHERE_COLUMNS, "run", "model", "layer", "layer_index", "backend", "kind",
+                "status", "spectrum_id")
 
 QUERY_COLUMNS = (
     "spectrum_id", "run", "model", "layer", "layer_index", "op_type", "shape", "input_shape",
@@ -163,6 +180,39 @@ def glob_to_like(pattern: str) -> str:
 def _jsonable(value: Any) -> Any:
     """JSON columns need plain data; anything else (paths, numpy scalars) becomes a string."""
     return json.loads(json.dumps(value, default=str))
+
+
+def json_clean(value: Any) -> Any:
+    """Plain JSON data for a JSON column: numpy scalars and arrays as Python numbers and lists,
+    NaN/Inf as null (PostgreSQL's JSON rejects them), anything else unknown as a string."""
+    if isinstance(value, dict):
+        return {str(key): json_clean(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | np.ndarray):
+        return [json_clean(item) for item in (value.tolist() if isinstance(value, np.ndarray)
+                                              else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie, killed but not yet reaped by
+    its parent, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): signal 0 said it exists
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _finite(value: float | None) -> float | None:
@@ -330,6 +380,8 @@ class Store:
             store = cls(_create_engine(url))
         try:
             store._prepare(check_schema)
+            if check_schema:
+                store.mark_stale_runs()
         except BaseException:
             store.close()
             raise
@@ -424,7 +476,7 @@ class Store:
     def start_run(self, model_id: int, config: dict[str, Any]) -> int:
         """Record a new run of ``model_id`` with status running; returns its id."""
         row = RunRow(model_id=model_id, status="running", config=_jsonable(config),
-                     versions=_versions(), host=socket.gethostname())
+                     versions=_versions(), host=socket.gethostname(), pid=os.getpid())
         with self._guarded("write to"), self._write.begin() as session:
             session.add(row)
             session.flush()
@@ -492,15 +544,21 @@ class Store:
 
     def query(self, *, model: str | None = None, layer: str | None = None,
               backend: str | None = None, kind: str | None = None, run: int | None = None,
-              values: bool = False, limit: int | None = None) -> pd.DataFrame:
+              values: bool = False, limit: int | None = None, where: str | None = None,
+              sort: str | None = None) -> pd.DataFrame:
         """Stored layer results, newest run first, then by layer position.
 
         ``model`` and ``layer`` are case-insensitive globs (``*``, ``?``) on the names. With
         ``values`` a ``singular_values`` column holds every value, descending, each repeated by
-        its multiplicity (None for skipped or failed layers).
+        its multiplicity (None for skipped or failed layers). ``where`` filters on summary
+        columns (``"sigma_max > 3 and stable_rank <= 10"``, see ``parse_where``); ``sort`` names
+        a column to order by first, descending with a leading ``-`` (``"-sigma_max"``).
         """
-        stmt = _query_statement(values).where(*_query_filters(model, layer, backend, kind, run))
-        stmt = stmt.order_by(RunRow.id.desc(), LayerRow.index, SpectrumRow.id).limit(limit)
+        filters = _query_filters(model, layer, backend, kind, run)
+        filters += [_comparison(column, op, number) for column, op, number in parse_where(where)]
+        stmt = _query_statement(values).where(*filters)
+        stmt = stmt.order_by(*_sort_order(sort), RunRow.id.desc(), LayerRow.index,
+                             SpectrumRow.id).limit(limit)
         import pandas as pd  # lazily: opening a store for writes should not pay for pandas
 
         with self._guarded("read"), self.engine.connect() as connection:
@@ -533,12 +591,462 @@ class Store:
                    "n_failed", "error"]
         return pd.DataFrame([dict(row) for row in rows], columns=columns)
 
+    def latest_run(self, model: str | None = None, status: str | None = "complete") -> int | None:
+        """The newest run id, of models matching the glob ``model`` and with ``status`` (None:
+        any status); None when there is no such run."""
+        stmt = select(RunRow.id).join(ModelRow, RunRow.model_id == ModelRow.id)
+        if model is not None:
+            stmt = stmt.where(ModelRow.name.ilike(glob_to_like(model), escape="\\"))
+        if status is not None:
+            stmt = stmt.where(RunRow.status == status)
+        with self._guarded("read"), self._read() as session:
+            return session.scalar(stmt.order_by(RunRow.id.desc()).limit(1))
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """Everything recorded about one run: model, status, config, versions, host, times."""
+        with self._guarded("read"), self._read() as session:
+            found = session.execute(select(RunRow, ModelRow.name)
+                                    .join(ModelRow, RunRow.model_id == ModelRow.id)
+                                    .where(RunRow.id == run_id)).first()
+        if found is None:
+            raise StoreError(f"no run {run_id} in {self.display_url}", "see: specprof runs")
+        row, model_name = found
+        return {"id": row.id, "model": model_name, "model_id": row.model_id, "status": row.status,
+                "config": dict(row.config or {}), "versions": dict(row.versions or {}),
+                "host": row.host, "pid": row.pid, "started_at": row.started_at,
+                "finished_at": row.finished_at, "error": row.error}
+
+    def layers(self, model_id: int) -> pd.DataFrame:
+        """The stored layer rows of one model, by position (one column per ``layers`` column)."""
+        import pandas as pd
+
+        columns = [column.name for column in LayerRow.__table__.columns]
+        stmt = select(LayerRow.__table__).where(LayerRow.model_id == model_id).order_by(LayerRow.index)
+        with self._guarded("read"), self.engine.connect() as connection:
+            rows = connection.execute(stmt).mappings().all()
+        return pd.DataFrame([dict(row) for row in rows], columns=columns)
+
+    def spectra_for_run(self, run_id: int, *, backend: str | None = None,
+                        kind: str | None = None) -> list[tuple[dict[str, Any], Spectrum]]:
+        """The ok spectra of a run by layer position: (layer row as a dict, plus its
+        ``spectrum_id``; the decoded Spectrum). What analyzers read."""
+        stmt = (select(SpectrumRow, LayerRow).join(LayerRow, SpectrumRow.layer_id == LayerRow.id)
+                .where(SpectrumRow.run_id == run_id, SpectrumRow.status == "ok"))
+        if backend is not None:
+            stmt = stmt.where(SpectrumRow.backend == backend)
+        if kind is not None:
+            stmt = stmt.where(SpectrumRow.kind == kind)
+        columns = [column.name for column in LayerRow.__table__.columns]
+        with self._guarded("read"), self._read() as session:
+            found = session.execute(stmt.order_by(LayerRow.index, SpectrumRow.id)).all()
+            return [({**{name: getattr(layer, name) for name in columns},
+                      "spectrum_id": spectrum.id}, _row_spectrum(spectrum))
+                    for spectrum, layer in found]
+
+    # analyses and hypergraphs ------------------------------------------------------------------
+
+    def add_analysis(self, run_id: int, analyzer: str, params: dict[str, Any],
+                     rows: list[dict[str, Any]]) -> list[int]:
+        """Store an analyzer's metrics for a run in one transaction; returns the new row ids.
+
+        Each row is ``{"layer_id": int | None, "spectrum_id": int | None, "metrics": dict}``.
+        Rows stored earlier for the same run, analyzer and parameters are replaced in the same
+        transaction, so re-running an analysis never leaves two answers or none.
+        """
+        digest = params_hash(params)
+        with self._guarded("write to"), self._write.begin() as session:
+            if session.get(RunRow, run_id) is None:
+                raise StoreError(f"no run {run_id} in {self.display_url}", "see: specprof runs")
+            session.execute(delete(AnalysisRow).where(AnalysisRow.run_id == run_id,
+                                                      AnalysisRow.analyzer == analyzer,
+                                                      AnalysisRow.params_hash == digest))
+            new = [AnalysisRow(run_id=run_id, layer_id=row.get("layer_id"),
+                               spectrum_id=row.get("spectrum_id"), analyzer=analyzer,
+                               params=json_clean(params), params_hash=digest,
+                               metrics=json_clean(row.get("metrics", {}))) for row in rows]
+            session.add_all(new)
+            session.flush()
+            return [row.id for row in new]
+
+    def analyses(self, *, run: int | None = None, analyzer: str | None = None,
+                 model: str | None = None) -> pd.DataFrame:
+        """Stored analysis metrics, newest run first then by layer position: columns
+        analysis_id, run, model, layer, layer_index, analyzer, params, created_at, then one
+        column per metric key (``model`` is a glob)."""
+        a = AnalysisRow
+        stmt = (select(a.id.label("analysis_id"), a.run_id.label("run"),
+                       ModelRow.name.label("model"), LayerRow.name.label("layer"),
+                       LayerRow.index.label("layer_index"), a.analyzer, a.params, a.created_at,
+                       a.metrics)
+                .join(RunRow, a.run_id == RunRow.id).join(ModelRow, RunRow.model_id == ModelRow.id)
+                .outerjoin(LayerRow, a.layer_id == LayerRow.id))
+        if run is not None:
+            stmt = stmt.where(a.run_id == run)
+        if analyzer is not None:
+            stmt = stmt.where(a.analyzer == analyzer)
+        if model is not None:
+            stmt = stmt.where(ModelRow.name.ilike(glob_to_like(model), escape="\\"))
+        stmt = stmt.order_by(a.run_id.desc(), LayerRow.index, a.id)
+        import pandas as pd
+
+        with self._guarded("read"), self.engine.connect() as connection:
+            rows = connection.execute(stmt).mappings().all()
+        base = ["analysis_id", "run", "model", "layer", "layer_index", "analyzer", "params",
+                "created_at"]
+        metric_keys = list(dict.fromkeys(key for row in rows for key in (row["metrics"] or {})))
+        records = [{**{name: row[name] for name in base}, **(row["metrics"] or {})} for row in rows]
+        frame = pd.DataFrame(records, columns=base + [k for k in metric_keys if k not in base])
+        return frame.astype({"layer_index": "Int64"})
+
+    def add_hypergraph(self, run_id: int, analyzer: str, name: str, params: dict[str, Any],
+                       incidence: dict[str, list[str]], edge_properties: dict[str, Any] | None = None,
+                       node_properties: dict[str, Any] | None = None) -> int:
+        """Store one hypergraph of a run (``incidence``: {edge name: [node names]}); its id."""
+        row = HypergraphRow(run_id=run_id, analyzer=analyzer, name=name, params=json_clean(params),
+                            incidence=json_clean({str(edge): [str(node) for node in nodes]
+                                                  for edge, nodes in incidence.items()}),
+                            edge_properties=json_clean(edge_properties or {}),
+                            node_properties=json_clean(node_properties or {}))
+        with self._guarded("write to"), self._write.begin() as session:
+            if session.get(RunRow, run_id) is None:
+                raise StoreError(f"no run {run_id} in {self.display_url}", "see: specprof runs")
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def hypergraphs(self, *, run: int | None = None, analyzer: str | None = None) -> pd.DataFrame:
+        """Stored hypergraphs without their (big) JSON: hypergraph_id, run, model, analyzer,
+        name, params, created_at; newest first."""
+        h = HypergraphRow
+        stmt = (select(h.id.label("hypergraph_id"), h.run_id.label("run"),
+                       ModelRow.name.label("model"), h.analyzer, h.name, h.params, h.created_at)
+                .join(RunRow, h.run_id == RunRow.id).join(ModelRow, RunRow.model_id == ModelRow.id))
+        if run is not None:
+            stmt = stmt.where(h.run_id == run)
+        if analyzer is not None:
+            stmt = stmt.where(h.analyzer == analyzer)
+        import pandas as pd
+
+        with self._guarded("read"), self.engine.connect() as connection:
+            rows = connection.execute(stmt.order_by(h.id.desc())).mappings().all()
+        columns = ["hypergraph_id", "run", "model", "analyzer", "name", "params", "created_at"]
+        return pd.DataFrame([dict(row) for row in rows], columns=columns)
+
+    def load_hypergraph(self, hypergraph_id: int) -> dict[str, Any]:
+        """Every field of one stored hypergraph."""
+        with self._guarded("read"), self._read() as session:
+            row = session.get(HypergraphRow, hypergraph_id)
+        if row is None:
+            raise StoreError(f"no hypergraph {hypergraph_id} in {self.display_url}",
+                             "list them with Store.hypergraphs()")
+        return {"id": row.id, "run_id": row.run_id, "analyzer": row.analyzer, "name": row.name,
+                "params": row.params, "incidence": row.incidence,
+                "edge_properties": row.edge_properties, "node_properties": row.node_properties,
+                "created_at": row.created_at}
+
+    # interrupted runs --------------------------------------------------------------------------
+
+    def mark_stale_runs(self) -> list[int]:
+        """Mark 'running' runs whose writer process on this host is gone as interrupted.
+
+        A run killed with ``kill -9`` (or by a crash of the machine's power) cannot close
+        itself; its host and pid say whether it still can. Runs of other hosts are left alone
+        (we cannot see their processes). Returns the ids marked.
+        """
+        host = socket.gethostname()
+        stmt = select(RunRow.id, RunRow.pid).where(RunRow.status == "running", RunRow.host == host,
+                                                   RunRow.pid.is_not(None))
+        with self._guarded("read"), self._read() as session:
+            candidates = session.execute(stmt).all()
+        dead = [run_id for run_id, pid in candidates if not _process_alive(pid)]
+        if dead:
+            with self._guarded("write to"), self._write.begin() as session:
+                for row in session.scalars(select(RunRow).where(RunRow.id.in_(dead),
+                                                                RunRow.status == "running")):
+                    row.status, row.finished_at = "interrupted", utcnow()
+                    row.error = f"process {row.pid} on {host} ended without closing the run"
+        return dead
+
+    def resumable_run(self, model_id: int, config: dict[str, Any],
+                      ignore: Sequence[str] = ("force", "resume")) -> int | None:
+        """The newest interrupted or failed run of ``model_id`` with the same configuration
+        (apart from the ``ignore`` keys), which ``profile --resume`` continues; else None."""
+        wanted = {k: v for k, v in json_clean(config).items() if k not in ignore}
+        stmt = (select(RunRow.id, RunRow.config)
+                .where(RunRow.model_id == model_id, RunRow.status.in_(("interrupted", "failed")))
+                .order_by(RunRow.id.desc()))
+        with self._guarded("read"), self._read() as session:
+            for run_id, stored in session.execute(stmt):
+                if {k: v for k, v in (stored or {}).items() if k not in ignore} == wanted:
+                    return int(run_id)
+        return None
+
+    def reopen_run(self, run_id: int) -> None:
+        """Set an interrupted or failed run running again, owned by this process."""
+        with self._guarded("write to"), self._write.begin() as session:
+            row = session.get(RunRow, run_id)
+            if row is None:
+                raise StoreError(f"no run {run_id} in {self.display_url}", "see: specprof runs")
+            row.status, row.error, row.finished_at = "running", None, None
+            row.host, row.pid = socket.gethostname(), os.getpid()
+
+    def run_results(self, run_id: int) -> dict[tuple[int, str], tuple[str, int]]:
+        """What a run already stored: (layer id, backend) -> (status, result row id)."""
+        stmt = select(SpectrumRow.layer_id, SpectrumRow.backend, SpectrumRow.status,
+                      SpectrumRow.id).where(SpectrumRow.run_id == run_id)
+        with self._guarded("read"), self._read() as session:
+            return {(layer_id, backend): (status, row_id)
+                    for layer_id, backend, status, row_id in session.execute(stmt)}
+
+    # lifecycle: delete, export, import -------------------------------------------------------
+
+    def delete(self, *, run: int | None = None, model: str | None = None) -> dict[str, int]:
+        """Delete one run, or every model named ``model`` (exact name) with its layers, runs and
+        results, in one transaction; returns how many runs and results went."""
+        if (run is None) == (model is None):
+            raise StoreError("delete needs exactly one of a run id or a model name",
+                             "pass --run ID or --model NAME")
+        with self._guarded("delete from"), self._write.begin() as session:
+            if run is not None:
+                what, model_ids = f"run {run}", []
+                run_ids = list(session.scalars(select(RunRow.id).where(RunRow.id == run)))
+                found = bool(run_ids)
+            else:
+                what = f"model {model!r}"
+                model_ids = list(session.scalars(select(ModelRow.id).where(ModelRow.name == model)))
+                run_ids = list(session.scalars(select(RunRow.id)
+                                               .where(RunRow.model_id.in_(model_ids))))
+                found = bool(model_ids)
+            if not found:
+                raise StoreError(f"no {what} in {self.display_url}", "see: specprof runs")
+            n_results = int(session.scalar(select(func.count()).select_from(SpectrumRow)
+                                           .where(SpectrumRow.run_id.in_(run_ids))) or 0)
+            # The foreign keys cascade to spectra, analyses and hypergraphs (and layers).
+            if run is not None:
+                session.execute(delete(RunRow).where(RunRow.id == run))
+            else:
+                session.execute(delete(ModelRow).where(ModelRow.id.in_(model_ids)))
+            return {"runs": len(run_ids), "results": n_results}
+
+    def export_run(self, run_id: int) -> dict[str, Any]:
+        """A whole run (model, layers, results, analyses, hypergraphs) as one JSON document
+        following ``schemas/run-export.schema.json``; arrays are base64 of their bytes."""
+        with self._guarded("read"), self._read() as session:
+            run = session.get(RunRow, run_id)
+            if run is None:
+                raise StoreError(f"no run {run_id} in {self.display_url}", "see: specprof runs")
+            model = session.get(ModelRow, run.model_id)
+            assert model is not None
+            layers = list(session.scalars(select(LayerRow).where(LayerRow.model_id == model.id)
+                                          .order_by(LayerRow.index)))
+            index_of = {layer.id: layer.index for layer in layers}
+            results = list(session.scalars(select(SpectrumRow).where(SpectrumRow.run_id == run_id)
+                                           .order_by(SpectrumRow.id)))
+            position = {row.id: n for n, row in enumerate(results)}
+            analyses = list(session.scalars(select(AnalysisRow)
+                                            .where(AnalysisRow.run_id == run_id)
+                                            .order_by(AnalysisRow.id)))
+            graphs = list(session.scalars(select(HypergraphRow)
+                                          .where(HypergraphRow.run_id == run_id)
+                                          .order_by(HypergraphRow.id)))
+            return {
+                "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+                "model": _columns(model, exclude=("id",)),
+                "layers": [_columns(layer, exclude=("id", "model_id")) for layer in layers],
+                "run": _columns(run, exclude=("id", "model_id", "pid")),
+                "results": [{**_columns(row, exclude=("id", "run_id", "layer_id")),
+                             "layer_index": index_of[row.layer_id]} for row in results],
+                "analyses": [{**_columns(row, exclude=("id", "run_id", "layer_id", "spectrum_id")),
+                              "layer_index": index_of.get(row.layer_id or -1),
+                              "result_index": position.get(row.spectrum_id or -1)}
+                             for row in analyses],
+                "hypergraphs": [_columns(row, exclude=("id", "run_id")) for row in graphs],
+            }
+
+    def import_run(self, document: dict[str, Any]) -> int:
+        """Store a document made by ``export_run`` as a new run, in one transaction; its id.
+
+        The document is validated against the JSON Schema first. The model is matched by its
+        content hash (created if absent; its layers must then agree hash for hash).
+        """
+        validate_export(document)
+        _check_export_references(document)
+        with self._guarded("write to"), self._write.begin() as session:
+            model_id = self._import_model(session, document)
+            layer_ids = dict(session.execute(select(LayerRow.index, LayerRow.id)
+                                             .where(LayerRow.model_id == model_id)).all())
+            run_fields = _from_json(RunRow, document["run"])
+            if run_fields["status"] == "running":  # nobody is writing to the imported copy
+                run_fields["status"] = "interrupted"
+            run = RunRow(model_id=model_id, **run_fields)
+            session.add(run)
+            session.flush()
+            results = []
+            for item in document["results"]:
+                fields = _from_json(SpectrumRow, item)
+                results.append(SpectrumRow(run_id=run.id, layer_id=layer_ids[item["layer_index"]],
+                                           **fields))
+            session.add_all(results)
+            session.flush()
+            for item in document["analyses"]:
+                layer_index, result_index = item.get("layer_index"), item.get("result_index")
+                session.add(AnalysisRow(
+                    run_id=run.id, **_from_json(AnalysisRow, item),
+                    layer_id=None if layer_index is None else layer_ids[layer_index],
+                    spectrum_id=None if result_index is None else results[result_index].id))
+            for item in document["hypergraphs"]:
+                session.add(HypergraphRow(run_id=run.id, **{
+                    "edge_properties": {}, "node_properties": {},
+                    **_from_json(HypergraphRow, item)}))
+            session.flush()
+            return run.id
+
+    def _import_model(self, session: Any, document: dict[str, Any]) -> int:
+        model_fields = _from_json(ModelRow, document["model"])
+        existing = session.scalar(select(ModelRow).where(ModelRow.sha256 == model_fields["sha256"]))
+        layers = document["layers"]
+        if existing is None:
+            model = ModelRow(**model_fields)
+            session.add(model)
+            session.flush()
+            session.add_all(LayerRow(model_id=model.id, **_from_json(LayerRow, layer))
+                            for layer in layers)
+            session.flush()
+            return int(model.id)
+        stored = dict(session.execute(select(LayerRow.index, LayerRow.layer_hash)
+                                      .where(LayerRow.model_id == existing.id)).all())
+        if stored != {layer["index"]: layer["layer_hash"] for layer in layers}:
+            raise StoreError(f"model {existing.name!r} in {self.display_url} has the same hash "
+                             "but different layers than the imported run",
+                             "import into another database, or delete that model first")
+        return int(existing.id)
+
     def counts(self) -> dict[str, int]:
         """Rows per table (models, layers, runs, spectra)."""
         tables = {"models": ModelRow, "layers": LayerRow, "runs": RunRow, "spectra": SpectrumRow}
         with self._guarded("read"), self._read() as session:
             return {name: int(session.scalar(select(func.count()).select_from(table)) or 0)
                     for name, table in tables.items()}
+
+
+# --- --where and --sort ------------------------------------------------------------------------
+
+_WHERE_TERM = re.compile(
+    r"\s*([A-Za-z_]+)\s*(<=|>=|==|!=|<>|=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_where(text: str | None) -> list[tuple[str, str, float]]:
+    """``"sigma_max > 3 and stable_rank <= 10"`` as [(column, operator, number), ...].
+
+    Only ``column op number`` terms joined by ``and`` are accepted, and only the summary
+    columns in ``WHERE_COLUMNS``: the text is parsed, never pasted into SQL.
+    """
+    if text is None or not text.strip():
+        return []
+    terms = []
+    for part in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE):
+        match = _WHERE_TERM.match(part)
+        if match is None:
+            raise StoreError(f"cannot read the condition {part.strip()!r} in --where",
+                             "write COLUMN OP NUMBER joined by 'and', e.g. 'sigma_max > 3 and "
+                             "stable_rank < 10'")
+        column, op, number = match.group(1).lower(), match.group(2), float(match.group(3))
+        if column not in WHERE_COLUMNS:
+            raise StoreError(f"--where cannot filter on {column!r}",
+                             f"use one of: {', '.join(WHERE_COLUMNS)}")
+        terms.append((column, {"==": "=", "<>": "!="}.get(op, op), number))
+    return terms
+
+
+def _comparison(column: str, op: str, number: float) -> ColumnElement[bool]:
+    field = getattr(SpectrumRow, column)
+    return {"<": field < number, "<=": field <= number, ">": field > number,
+            ">=": field >= number, "=": field == number, "!=": field != number}[op]
+
+
+def _sort_order(sort: str | None) -> list[Any]:
+    if not sort:
+        return []
+    name = sort.lstrip("-").strip().lower()
+    if name not in SORT_COLUMNS:
+        raise StoreError(f"cannot sort by {name!r}", f"use one of: {', '.join(SORT_COLUMNS)} "
+                         "(prefix '-' for descending)")
+    column = {"run": SpectrumRow.run_id, "model": ModelRow.name, "layer": LayerRow.name,
+              "layer_index": LayerRow.index, "spectrum_id": SpectrumRow.id}.get(
+                  name, getattr(SpectrumRow, name, None))
+    ordered = column.desc() if sort.strip().startswith("-") else column.asc()
+    return [ordered.nulls_last()]
+
+
+# --- export documents --------------------------------------------------------------------------
+
+_BLOB_COLUMNS = ("values", "multiplicities", "left_vectors")
+
+
+def _columns(row: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """A row as JSON data: blobs as base64, times as ISO 8601."""
+    data: dict[str, Any] = {}
+    for column in row.__table__.columns:
+        if column.name in exclude:
+            continue
+        value = getattr(row, column.name)
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode("ascii")
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        data[column.name] = value
+    return data
+
+
+def _from_json(model: type[Base], data: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``_columns`` for the columns ``model`` has (ids are never taken over)."""
+    fields: dict[str, Any] = {}
+    for column in model.__table__.columns:
+        name = column.name
+        if name in ("id", "run_id", "model_id", "layer_id", "spectrum_id", "pid") or name not in data:
+            continue
+        value = data[name]
+        if value is not None and name in _BLOB_COLUMNS:
+            value = base64.b64decode(value)
+        elif value is not None and isinstance(column.type, DateTime):
+            value = datetime.fromisoformat(value)
+        fields[name] = value
+    return fields
+
+
+def _check_export_references(document: dict[str, Any]) -> None:
+    """The layer and result positions an export refers to exist (the schema cannot say)."""
+    layer_indexes = {layer["index"] for layer in document["layers"]}
+    n_results = len(document["results"])
+    for section in ("results", "analyses"):
+        for position, item in enumerate(document[section]):
+            layer_index, result_index = item.get("layer_index"), item.get("result_index")
+            if layer_index is not None and layer_index not in layer_indexes:
+                raise StoreError(f"not a valid specprof run export at {section}/{position}: "
+                                 f"no layer with index {layer_index}",
+                                 "export it again with: specprof export --run ID -o run.json")
+            if result_index is not None and not 0 <= result_index < n_results:
+                raise StoreError(f"not a valid specprof run export at {section}/{position}: "
+                                 f"no result {result_index}",
+                                 "export it again with: specprof export --run ID -o run.json")
+
+
+def export_schema() -> dict[str, Any]:
+    """The JSON Schema of a run export (``specprof.schemas/run-export.schema.json``)."""
+    text_ = importlib.resources.files("specprof.schemas").joinpath(EXPORT_SCHEMA).read_text()
+    return json.loads(text_)
+
+
+def validate_export(document: Any) -> None:
+    """Raise a one-line StoreError unless ``document`` is a valid run export."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(document, export_schema())
+    except jsonschema.ValidationError as error:
+        where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+        raise StoreError(f"not a valid specprof run export at {where}: {error.message}",
+                         "export it with: specprof export --run ID -o run.json") from error
 
 
 # --- row conversions ---------------------------------------------------------------------------
@@ -656,3 +1164,14 @@ def _expanded_values(values: bytes | None, multiplicities: bytes | None) -> list
     if multiplicities is not None:
         array = np.repeat(array, decode_array(multiplicities, MULTIPLICITIES_DTYPE))
     return [float(value) for value in array]
+
+
+def load_spectrum(spectrum_id: int, db: str | None = None, *, expand: bool = True) -> np.ndarray:
+    """The singular values of stored spectrum ``spectrum_id``, descending, as a NumPy array.
+
+    With ``expand`` (the default) each value is repeated by its multiplicity, so the array has
+    ``n_values`` entries; ``expand=False`` gives the distinct values only.
+    """
+    with Store.open(db) as store:
+        spectrum = store.load_spectrum(spectrum_id)
+    return spectrum.expanded() if expand else np.array(spectrum.values)

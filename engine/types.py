@@ -24,7 +24,8 @@ MATRIX_OPS = ("Gemm", "MatMul")
 def _frozen(array: np.ndarray | None) -> np.ndarray | None:
     if array is None:
         return None
-    array = np.ascontiguousarray(array)
+    # A private copy: freezing must not lock the caller's own array.
+    array = np.array(array, order="C", copy=True)
     array.flags.writeable = False
     return array
 

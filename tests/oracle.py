@@ -24,19 +24,22 @@ def conv_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride=1, p
 
     ``padding`` is an int or a per-dimension tuple of symmetric pads (torch's convention).
     ``circular`` treats the input as periodic: the output is the full periodic correlation on
-    the n-grid (ceil(n/stride) outputs per dimension), built by tiling the input 3 times.
+    the n-grid (ceil(n/stride) outputs per dimension), built by tiling the input.
     """
     w = torch.as_tensor(weight, dtype=torch.float64)
     d = w.ndim - 2
     x = _basis(input_shape)
     if circular:
         spatial = input_shape[1:]
-        x = x.repeat(1, 1, *([3] * d))
         dil = (dilation,) * d if isinstance(dilation, int) else tuple(dilation)
         st = (stride,) * d if isinstance(stride, int) else tuple(stride)
+        # Output o reads input (o*s + k*dil) mod n: tile the input often enough that the last
+        # output's last tap still lands inside the tiled copy (kernels may exceed n).
+        span = [dl * (k - 1) for dl, k in zip(dil, w.shape[2:])]
+        repeats = [-(-(n + sp) // n) for n, sp in zip(spatial, span)]
+        x = x.repeat(1, 1, *repeats)
         y = _CONV[d](x, w, stride=1, padding=0, dilation=dil, groups=groups)
-        # Output o reads input o + k*dil (mod n); start at offset n in the tiled input.
-        index = tuple(slice(n, n + n, s) for n, s in zip(spatial, st))
+        index = tuple(slice(0, n, s) for n, s in zip(spatial, st))
         y = y[(slice(None), slice(None), *index)]
     else:
         y = _CONV[d](x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)

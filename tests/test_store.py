@@ -90,7 +90,7 @@ def test_new_database_is_created_by_the_migrations(db_url: str) -> None:
             # The migrations and the ORM models describe the same schema.
             assert compare_metadata(context, Base.metadata) == []
     assert TABLES | {VERSION_TABLE} <= tables
-    assert _revision(db_url) == _head() == "0001"
+    assert _revision(db_url) == _head() == "0002"
 
 
 def test_older_schema_refuses_to_open_until_upgraded(db_url: str) -> None:
@@ -362,3 +362,188 @@ def test_concurrent_writers_lose_nothing(db_url: str, tmp_path: Path) -> None:
         runs = store.runs()
         assert runs["status"].tolist() == ["complete"] * 3
         assert runs["n_spectra"].tolist() == [8] * 3
+
+
+# --- analyses, hypergraphs, run reads, views (schema 0002) ------------------------------------
+
+
+def _profiled(store: Store, name: str = "net", seed: int = 0) -> tuple[int, list[int]]:
+    """A complete run of a two-layer model with one spectrum per layer; (run id, layer ids)."""
+    model_id, layer_ids = store.add_model(make_model(name, seed))
+    run_id = store.start_run(model_id, {"backends": ["exact"]})
+    store.add_spectrum(run_id, layer_ids[0], make_spectrum([3.0, 2.0, 1.0]))
+    store.add_spectrum(run_id, layer_ids[1], make_spectrum([5.0, 0.5], multiplicities=np.array([1, 4])))
+    store.finish_run(run_id, "complete")
+    return run_id, layer_ids
+
+
+def test_analysis_rows_replace_earlier_ones_of_same_params(store: Store) -> None:
+    run_id, layer_ids = _profiled(store)
+    first = store.add_analysis(run_id, "spectral", {"bins": 10}, [
+        {"layer_id": layer_ids[1], "spectrum_id": None, "metrics": {"alpha": 2.5}},
+        {"layer_id": layer_ids[0], "spectrum_id": None, "metrics": {"alpha": 1.5, "ok": True}},
+        {"layer_id": None, "spectrum_id": None, "metrics": {"lipschitz": float("nan")}},
+    ])
+    assert len(first) == 3
+    store.add_analysis(run_id, "spectral", {"bins": 20}, [
+        {"layer_id": layer_ids[0], "spectrum_id": None, "metrics": {"alpha": 9.0}}])
+    again = store.add_analysis(run_id, "spectral", {"bins": 10}, [
+        {"layer_id": layer_ids[0], "spectrum_id": None, "metrics": {"alpha": np.float64(1.75)}}])
+    assert not set(again) & set(first)
+    frame = store.analyses(run=run_id, analyzer="spectral")
+    # bins=10 replaced (one row now), bins=20 kept.
+    assert sorted(frame["alpha"].tolist()) == [1.75, 9.0]
+    assert list(frame.columns[:8]) == ["analysis_id", "run", "model", "layer", "layer_index",
+                                       "analyzer", "params", "created_at"]
+    assert store.analyses(model="other*").empty
+    assert store.analyses(model="ne?")["model"].unique().tolist() == ["net"]
+
+
+def test_analysis_of_missing_run_writes_nothing(store: Store) -> None:
+    with pytest.raises(StoreError, match="no run 999"):
+        store.add_analysis(999, "spectral", {}, [{"layer_id": None, "metrics": {"a": 1}}])
+    assert store.analyses().empty
+
+
+def test_analysis_rows_are_one_transaction(store: Store) -> None:
+    run_id, layer_ids = _profiled(store)
+    store.add_analysis(run_id, "spectral", {}, [{"layer_id": layer_ids[0], "metrics": {"a": 1}}])
+    with pytest.raises(StoreError):  # the second row names a layer that does not exist
+        store.add_analysis(run_id, "spectral", {}, [
+            {"layer_id": layer_ids[0], "metrics": {"a": 2}},
+            {"layer_id": 10_000, "metrics": {"a": 3}}])
+    # Neither the replacement's delete nor its first row happened.
+    assert store.analyses(run=run_id)["a"].tolist() == [1]
+
+
+def test_hypergraph_round_trip_and_listing(store: Store) -> None:
+    run_id, _ = _profiled(store)
+    incidence = {"img0": ["conv1:0", "conv1:3"], "img1": ["conv1:3", "fc:1"]}
+    hg_id = store.add_hypergraph(run_id, "hypergraph", "per-input", {"threshold": 0.1}, incidence,
+                                 edge_properties={"img0": {"label": "cat"}},
+                                 node_properties={"fc:1": {"layer": "fc"}})
+    listed = store.hypergraphs(run=run_id)
+    assert listed["hypergraph_id"].tolist() == [hg_id]
+    assert "incidence" not in listed.columns
+    loaded = store.load_hypergraph(hg_id)
+    assert loaded["incidence"] == incidence
+    assert loaded["edge_properties"] == {"img0": {"label": "cat"}}
+    assert loaded["params"] == {"threshold": 0.1} and loaded["run_id"] == run_id
+    with pytest.raises(StoreError, match="no hypergraph"):
+        store.load_hypergraph(hg_id + 1)
+
+
+def test_run_reads_for_analyzers(store: Store) -> None:
+    old_run, _ = _profiled(store, "net", seed=0)
+    new_run, layer_ids = _profiled(store, "other", seed=1)
+    running = store.start_run(store.run_info(new_run)["model_id"], {})
+    assert store.latest_run() == new_run
+    assert store.latest_run("net") == old_run
+    assert store.latest_run(status=None) == running
+    assert store.latest_run("nothing*") is None
+    info = store.run_info(new_run)
+    assert info["model"] == "other" and info["status"] == "complete"
+    assert info["config"] == {"backends": ["exact"]} and "numpy" in info["versions"]
+    assert store.layers(info["model_id"])["name"].tolist() == ["conv1", "fc"]
+    pairs = store.spectra_for_run(new_run)
+    assert [layer["name"] for layer, _ in pairs] == ["conv1", "fc"]
+    assert [layer["id"] for layer, _ in pairs] == layer_ids
+    assert pairs[1][1].expanded().tolist() == [5.0, 0.5, 0.5, 0.5, 0.5]
+    assert store.spectra_for_run(new_run, kind="filter") == []
+    with pytest.raises(StoreError, match="no run"):
+        store.run_info(10_000)
+
+
+def test_sql_views_answer_without_knowing_internals(store: Store) -> None:
+    run_id, layer_ids = _profiled(store)
+    store.add_layer_result(run_id, layer_ids[0], "fft", None, "skipped", "not circular")
+    with store.engine.connect() as connection:
+        rows = connection.execute(sqlalchemy.text(
+            "SELECT model, layer, layer_index, backend, status, sigma_max FROM layer_summary "
+            "WHERE sigma_max > 4")).all()
+        summary = connection.execute(sqlalchemy.text(
+            "SELECT run_id, model, status, n_layers, n_results, n_ok, n_skipped, n_failed, "
+            "max_sigma_max FROM run_summary")).mappings().one()
+    assert [tuple(row) for row in rows] == [("net", "fc", 1, "exact", "ok", 5.0)]
+    assert dict(summary) == {"run_id": run_id, "model": "net", "status": "complete", "n_layers": 2,
+                             "n_results": 3, "n_ok": 2, "n_skipped": 1, "n_failed": 0,
+                             "max_sigma_max": 5.0}
+
+
+def test_module_load_spectrum_returns_values(db_url: str) -> None:
+    from specprof.engine.store import load_spectrum
+
+    with Store.open(db_url) as store:
+        _profiled(store)
+        spectrum_id = int(store.query(layer="fc")["spectrum_id"].iloc[0])
+    assert load_spectrum(spectrum_id, db_url).tolist() == [5.0, 0.5, 0.5, 0.5, 0.5]
+    assert load_spectrum(spectrum_id, db_url, expand=False).tolist() == [5.0, 0.5]
+
+
+# --- storage size of a ResNet-50 profile -------------------------------------------------------
+
+
+def resnet50_spectrum_sizes() -> list[tuple[str, int, int]]:
+    """(layer, distinct values, multiplicity per value) of ResNet-50's operator spectra at
+    224x224 as the FFT/polyphase backend stores them: per frequency min(c_out, s^2 c_in) values
+    on the (n/s)^2 grid, the real-kernel half grid with conjugate pairs stored once (so about
+    half the values carry multiplicity 2; here all do, the size is the same), 1x1 convolutions
+    as W's values each repeated (n/s)^2 times."""
+    sizes = [("conv1", 12 * 112 * 57, 2)]  # 7x7/2, 3->64: 12 polyphase channels, 112^2 grid
+    c_in, n_in = 64, 56  # after the max pool
+    for stage, (width, blocks, n_out) in enumerate([(64, 3, 56), (128, 4, 28), (256, 6, 14),
+                                                     (512, 3, 7)], start=1):
+        for block in range(blocks):
+            n = n_in if block == 0 else n_out  # the first block's 3x3 conv has the stride
+            prefix = f"layer{stage}.{block}"
+            sizes.append((f"{prefix}.conv1", min(c_in, width), n * n))
+            sizes.append((f"{prefix}.conv2", width * n_out * (n_out // 2 + 1), 2))
+            sizes.append((f"{prefix}.conv3", width, n_out * n_out))
+            if block == 0:
+                sizes.append((f"{prefix}.downsample", min(c_in, 4 * width), n_out * n_out))
+            c_in = 4 * width
+        n_in = n_out
+    sizes.append(("fc", 1000, 1))
+    return sizes
+
+
+@pytest.mark.slow
+def test_resnet50_profile_is_small_and_loads_fast(db_url: str, tmp_path: Path) -> None:
+    import time
+
+    sizes = resnet50_spectrum_sizes()
+    assert len(sizes) == 54  # 53 convolutions + fc
+    rng = np.random.default_rng(0)
+    layers = tuple(Layer(name, "Gemm", np.zeros((2, 2)) + index, input_shape=(2,), index=index)
+                   for index, (name, _, _) in enumerate(sizes))
+    model = LoadedModel(name="resnet50", format="onnx", framework="pytorch", opset=17,
+                        layers=layers)
+    with Store.open(db_url) as store:
+        model_id, layer_ids = store.add_model(model)
+        run_id = store.start_run(model_id, {})
+        expected = {}
+        for layer_id, (name, distinct, mult) in zip(layer_ids, sizes, strict=True):
+            values = np.sort(rng.random(distinct))[::-1]
+            expected[name] = (values, mult)
+            store.add_spectrum(run_id, layer_id, make_spectrum(
+                list(values), backend="fft-circulant",
+                multiplicities=None if mult == 1 else np.full(distinct, mult)))
+        with store.engine.connect() as connection:
+            stored = connection.execute(sqlalchemy.text(
+                "SELECT SUM(LENGTH(\"values\")) + SUM(COALESCE(LENGTH(multiplicities), 0)) "
+                "FROM spectra")).scalar()
+        started = time.perf_counter()
+        loaded = store.spectra_for_run(run_id)
+        seconds = time.perf_counter() - started
+    n_values = sum(distinct * mult for _, distinct, mult in sizes)
+    distinct_total = sum(distinct for _, distinct, _ in sizes)
+    if db_url.startswith("sqlite"):
+        stored = Path(db_url.removeprefix("sqlite:///")).stat().st_size
+    print(f"\nResNet-50 ({db_url.split(':')[0]}): {distinct_total:,} distinct values "
+          f"({n_values:,} with multiplicity), {stored / 1e6:.1f} MB, loaded in {seconds:.2f} s")
+    assert [layer["name"] for layer, _ in loaded] == [name for name, _, _ in sizes]
+    for layer, spectrum in loaded:
+        values, mult = expected[layer["name"]]
+        assert np.array_equal(spectrum.values, values) and spectrum.n_values == len(values) * mult
+    assert stored < 40e6
+    assert seconds < 1.0

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import helper
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Importer, ImportOptions
@@ -102,6 +104,42 @@ def check_converted(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
             "these ops have no ONNX equivalent; export the model without them "
             "(e.g. a non-streaming, float or int8 variant)",
         )
+    return model
+
+
+def inputs_channels_first(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make every channels-last graph input of rank >= 3 channels-first, in place.
+
+    The input keeps its name (users and ``--input-shape`` see it) and gets the (N, C, *spatial)
+    shape; a Transpose to (N, *spatial, C) feeds the nodes that read it.
+    """
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    front = []
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        rank = len(dims)
+        if rank < 3:
+            continue
+        inner = f"{value.name}__channels_last"
+        for node in graph.node:
+            node.input[:] = [inner if name == value.name else name for name in node.input]
+        front.append(helper.make_node("Transpose", [value.name], [inner],
+                                      perm=[0, *range(2, rank), 1],
+                                      name=f"{value.name}__to_channels_last"))
+        old = [onnx.TensorShapeProto.Dimension() for _ in range(rank)]
+        for copy, dim in zip(old, dims, strict=True):
+            copy.CopyFrom(dim)
+        reordered = [old[0], old[-1], *old[1:-1]]
+        del dims[:]
+        for dim in reordered:
+            dims.add().CopyFrom(dim)
+    if front:
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(front + nodes)
     return model
 
 
@@ -203,6 +241,24 @@ def _is_keras_zip(path: Path) -> bool:
     return "config.json" in names and "model.weights.h5" in names
 
 
+@contextlib.contextmanager
+def _keras_suffixed(path: Path) -> Iterator[Path]:
+    """``path``, or a link to it named with the suffix its content calls for.
+
+    Keras 3 picks its reader by suffix alone; a file recognized by content (HDF5 magic, a
+    .keras zip) under another name is read through a temporary link.
+    """
+    if path.suffix.lower() in KerasImporter.suffixes:
+        yield path
+        return
+    with path.open("rb") as handle:
+        suffix = ".h5" if handle.read(len(HDF5_MAGIC)) == HDF5_MAGIC else ".keras"
+    with tempfile.TemporaryDirectory(prefix="specprof-keras-") as folder:
+        link = Path(folder, "model" + suffix)
+        link.symlink_to(path.resolve())
+        yield link
+
+
 class KerasImporter(Importer):
     """Keras models (.keras, .h5/.hdf5, SavedModel folders, keras.Model objects) via tf2onnx."""
 
@@ -239,8 +295,8 @@ class KerasImporter(Importer):
         if path.is_dir():
             return self._from_saved_model(tf, path, options)
         try:
-            with quiet_tensorflow():
-                model = tf.keras.models.load_model(str(path), compile=False)
+            with quiet_tensorflow(), _keras_suffixed(path) as readable:
+                model = tf.keras.models.load_model(str(readable), compile=False)
         except (ValueError, TypeError, OSError, KeyError, AttributeError) as error:
             raise _keras_error(path, error) from error
         return self._from_model(model, options, path.stem)
@@ -259,33 +315,45 @@ class KerasImporter(Importer):
         return convert_callable(call, inputs, options.input_shape, name)
 
     def _from_saved_model(self, tf: Any, path: Path, options: ImportOptions) -> onnx.ModelProto:
+        """Convert the serving signature of a SavedModel folder.
+
+        The folder is read as a graph with its signatures (the TF1-style loader), not
+        restored as Python objects: Keras-2-era SavedModels hold optimizer objects that
+        ``tf.saved_model.load`` of TF 2.16+ cannot rebuild, while their graph is intact.
+        """
+        _, tf2onnx = import_tf2onnx("Keras/TensorFlow models", "keras")
         if not (path / "saved_model.pb").is_file():
             raise ModelLoadError(f"{path} is a folder without saved_model.pb",
                                  "pass a SavedModel folder (tf.saved_model.save) or a model file")
         try:
+            with quiet_tensorflow(), tf.Graph().as_default() as graph, \
+                    tf.compat.v1.Session(graph=graph) as session:
+                meta = tf.compat.v1.saved_model.load(session, ["serve"], str(path))
+                # "__saved_model_init_op" and the like are bookkeeping, not functions to call.
+                signatures = {key: value for key, value in meta.signature_def.items()
+                              if not key.startswith("__") and value.inputs}
+                if not signatures:
+                    raise ModelLoadError(
+                        f"{path}: the SavedModel has no signatures, so there is no function to convert",
+                        "save it with signatures (tf.saved_model.save(obj, path, signatures=fn)) "
+                        "or export a Keras model with model.export(path)",
+                    )
+                key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
+                signature = signatures[key]
+                inputs = [signature.inputs[k].name for k in sorted(signature.inputs)]
+                outputs = [signature.outputs[k].name for k in sorted(signature.outputs)]
+                frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
+                    session, graph.as_graph_def(), [name.split(":")[0] for name in outputs])
             with quiet_tensorflow():
-                loaded = tf.saved_model.load(str(path))
-        except (ValueError, TypeError, OSError, RuntimeError) as error:
-            raise ModelLoadError(f"{path} is not a SavedModel TensorFlow can load ({first_line(error)})",
-                                 "check that the folder is complete (saved_model.pb and variables/)") \
-                from error
-        signatures = dict(getattr(loaded, "signatures", {}) or {})
-        if not signatures:
-            raise ModelLoadError(
-                f"{path}: the SavedModel has no signatures, so there is no function to convert",
-                "save it with signatures (tf.saved_model.save(obj, path, signatures=fn)) "
-                "or export a Keras model with model.export(path)",
-            )
-        key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
-        function = signatures[key]
-        specs_by_name = function.structured_input_signature[1]
-        names = sorted(specs_by_name)
-        specs = [specs_by_name[n] for n in names]
-
-        def call(*tensors: Any) -> Any:
-            return function(**dict(zip(names, tensors, strict=True)))
-
-        return convert_callable(call, specs, options.input_shape, path.name)
+                model, _ = tf2onnx.convert.from_graph_def(frozen, input_names=inputs,
+                                                          output_names=outputs, opset=TARGET_OPSET)
+        except (ValueError, TypeError, OSError, RuntimeError, KeyError, AttributeError,
+                tf.errors.OpError) as error:
+            raise ModelLoadError(f"{path} is not a SavedModel specprof can convert ({first_line(error)})",
+                                 "check that the folder is complete (saved_model.pb and variables/) "
+                                 "and has a 'serve' tag") from error
+        model.graph.name = path.name
+        return inputs_channels_first(check_converted(model, str(path)))
 
 
 @hookimpl

@@ -10,11 +10,11 @@ inside functions only.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import helper
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Importer, ImportOptions
@@ -24,6 +24,7 @@ from specprof.plugins.importers.keras_importer import (
     check_converted,
     first_line,
     import_tf2onnx,
+    inputs_channels_first,
     quiet_tensorflow,
 )
 
@@ -31,40 +32,39 @@ TFLITE_MAGIC = b"TFL3"
 """The flatbuffer file identifier, at bytes 4..8 of every .tflite file."""
 
 
-def inputs_channels_first(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Make every channels-last graph input of rank >= 3 channels-first, in place.
+def unconvertible_ops(path: Path) -> list[str]:
+    """TFLite ops in the file that tf2onnx has no handler for (empty if it cannot tell).
 
-    The input keeps its name (users and ``--input-shape`` see it) and gets the (N, C, *spatial)
-    shape; a Transpose to (N, *spatial, C) feeds the nodes that read it.
+    tf2onnx fails on such ops with an unrelated IndexError or KeyError; reading the file's
+    operator table first lets the error name them. This uses tf2onnx's own flatbuffer
+    reader and handler registry, which are internal: if they move, the check is skipped.
     """
-    graph = model.graph
-    initializers = {tensor.name for tensor in graph.initializer}
-    front = []
-    for value in graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        rank = len(dims)
-        if rank < 3:
-            continue
-        inner = f"{value.name}__channels_last"
-        for node in graph.node:
-            node.input[:] = [inner if name == value.name else name for name in node.input]
-        front.append(helper.make_node("Transpose", [value.name], [inner],
-                                      perm=[0, *range(2, rank), 1],
-                                      name=f"{value.name}__to_channels_last"))
-        old = [onnx.TensorShapeProto.Dimension() for _ in range(rank)]
-        for copy, dim in zip(old, dims, strict=True):
-            copy.CopyFrom(dim)
-        reordered = [old[0], old[-1], *old[1:-1]]
-        del dims[:]
-        for dim in reordered:
-            dims.add().CopyFrom(dim)
-    if front:
-        nodes = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(front + nodes)
-    return model
+    try:
+        import tf2onnx.tflite_handlers  # noqa: F401  (registers the TFLite handlers)
+        from tf2onnx.handler import tf_op
+        from tf2onnx.tflite.Model import Model
+        from tf2onnx.tflite_utils import lookup_enum
+    except ImportError:
+        return []
+    try:
+        model = Model.GetRootAsModel(bytearray(path.read_bytes()), 0)
+        names = []
+        for index in range(model.OperatorCodesLength()):
+            code = model.OperatorCodes(index)
+            name = lookup_enum(code.DeprecatedBuiltinCode(), "BuiltinOperator")
+            if name == "PLACEHOLDER_FOR_GREATER_OP_CODES":
+                name = lookup_enum(code.BuiltinCode(), "BuiltinOperator")
+            if name == "CUSTOM":
+                name = code.CustomCode().decode()
+            names.append(name)
+        known = {op for table in tf_op.get_opsets().values() for ops in table for op in ops}
+    except (AttributeError, IndexError, KeyError, ValueError, UnicodeDecodeError, struct.error):
+        # A damaged table: from_tflite then fails on it and says so.
+        return []
+    # Select-TF ("Flex") ops carry a TensorFlow op that tf2onnx converts by its TF name.
+    return sorted({name for name in names
+                   if f"TFL_{name}" not in known and name not in known
+                   and name.removeprefix("Flex") not in known})
 
 
 class TFLiteImporter(Importer):
@@ -90,6 +90,14 @@ class TFLiteImporter(Importer):
         if head[4:8] != TFLITE_MAGIC:
             raise ModelLoadError(f"{path} is not a TFLite model (no 'TFL3' identifier)",
                                  "check that the file is a complete .tflite flatbuffer")
+        with quiet_tensorflow():
+            unknown = unconvertible_ops(path)
+        if unknown:
+            raise ModelLoadError(
+                f"{path}: tf2onnx cannot convert the TFLite op(s) {', '.join(unknown)}",
+                "export the model without them (e.g. a non-streaming variant without "
+                "resource variables), or convert it to ONNX another way and profile the .onnx",
+            )
         try:
             with quiet_tensorflow():
                 model, _ = tf2onnx.convert.from_tflite(str(path), opset=TARGET_OPSET)

@@ -20,6 +20,8 @@ _API = {
     "query": "specprof.engine.api",
     "load_model": "specprof.engine.api",
     "singular_values": "specprof.engine.api",
+    "load_spectrum": "specprof.engine.api",
+    "hypergraph": "specprof.plugins.analyzers.hypergraph",
     "Layer": "specprof.engine.types",
     "Spectrum": "specprof.engine.types",
     "Request": "specprof.engine.types",
@@ -43,7 +45,9 @@ __all__ = [
     "Spectrum",
     "Support",
     "hookimpl",
+    "hypergraph",
     "load_model",
+    "load_spectrum",
     "profile",
     "query",
     "singular_values",
@@ -51,10 +55,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from specprof.engine import hookimpl
-    from specprof.engine.api import load_model, profile, query, singular_values
+    from specprof.engine.api import load_model, load_spectrum, profile, query, singular_values
     from specprof.engine.base import Analyzer, Backend, Importer
     from specprof.engine.errors import SpecprofError
     from specprof.engine.types import Layer, LoadedModel, Request, Spectrum, Support
+    from specprof.plugins.analyzers.hypergraph import hypergraph
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,289 @@
+"""The true linear map of a layer on one input, built with NumPy/SciPy only.
+
+A ``Conv`` is a *gather*: output position o reads input position ``o*s + k*d - pad_begin`` for
+each tap k. A ``ConvTranspose`` is the adjoint (a *scatter*) of the convolution whose weight is
+its own weight read in Conv layout (``(c_in, c_out/g, k...)`` is a conv from c_out to c_in
+channels), on the transposed layer's output grid. So both ops are described by one object, the
+*gather table* of that conv: for every conv output position and tap, the flat index of the input
+position it reads (or a sentinel for "outside the input, reads zero"). Everything here (the
+sparse matrix, the dense matrix, the matrix-free apply and its adjoint) is built from that table.
+
+Boundaries:
+- ``zeros``: exactly what ONNX/torch compute, output sizes by their formulas.
+- ``circular``: the periodic operator on the n-grid (Sedghi et al. 2019): input indices are taken
+  mod n, a conv has ceil(n/s) outputs per dimension, and a ConvTranspose is the adjoint of the
+  circular conv on the grid of size n*s. The pad only shifts the input circularly, which does not
+  change the singular values; it is applied anyway so the map matches the zero-padded one inside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import scipy.sparse as sp
+
+from specprof.engine.errors import InputShapeError
+from specprof.engine.types import Boundary, Layer
+
+_CHUNK_BYTES = 128 * 2**20
+"""Largest im2col buffer one matrix-free product allocates; bigger products are chunked."""
+
+
+def _check_conv_input(layer: Layer) -> tuple[int, ...]:
+    """The layer's spatial input shape, after checking it fits the weight."""
+    if layer.input_shape is None:
+        raise InputShapeError(
+            f"layer {layer.name}: input size unknown",
+            "pass --input-shape C,H,W (the layer's operator depends on it)",
+        )
+    shape = tuple(int(n) for n in layer.input_shape)
+    if len(shape) != layer.spatial_dims + 1:
+        raise InputShapeError(
+            f"layer {layer.name}: input shape {shape} has {len(shape) - 1} spatial dimensions, "
+            f"the kernel has {layer.spatial_dims}",
+            "pass --input-shape as C followed by one size per spatial dimension",
+        )
+    if shape[0] != layer.in_channels:
+        raise InputShapeError(
+            f"layer {layer.name}: input has {shape[0]} channels, the weight expects "
+            f"{layer.in_channels}",
+            "check --input-shape (C comes first)",
+        )
+    if min(shape[1:], default=1) < 1:
+        raise InputShapeError(f"layer {layer.name}: empty input shape {shape}",
+                              "pass positive sizes in --input-shape")
+    return shape[1:]
+
+
+def output_spatial_shape(layer: Layer, boundary: Boundary = "zeros") -> tuple[int, ...]:
+    """Spatial size of the layer's output on one input of ``layer.input_shape``.
+
+    Raises ``InputShapeError`` if the input shape is unknown, does not fit, or is too small for
+    the kernel (zero padding).
+    """
+    spatial = _check_conv_input(layer)
+    d = layer.spatial_dims
+    out = []
+    for axis, n in enumerate(spatial):
+        k, s, dil = layer.kernel_shape[axis], layer.strides[axis], layer.dilations[axis]
+        pb, pe = layer.pads[axis], layer.pads[axis + d]
+        if layer.op_type == "Conv":
+            size = -(-n // s) if boundary == "circular" else (n + pb + pe - dil * (k - 1) - 1) // s + 1
+        elif boundary == "circular":
+            size = n * s
+        else:
+            size = s * (n - 1) + layer.output_padding[axis] + dil * (k - 1) + 1 - pb - pe
+        if size < 1:
+            raise InputShapeError(
+                f"layer {layer.name}: input {spatial} is too small for the kernel "
+                f"{layer.kernel_shape} (output size {size} along axis {axis})",
+                "pass a larger --input-shape",
+            )
+        out.append(size)
+    return tuple(out)
+
+
+def operator_shape(layer: Layer, boundary: Boundary = "zeros") -> tuple[int, int]:
+    """(rows, cols) of the layer's matrix: (output size, input size) of one sample."""
+    if not layer.is_conv:
+        rows, cols = layer.weight.shape
+        return int(rows), int(cols)
+    out = output_spatial_shape(layer, boundary)
+    return layer.out_channels * math.prod(out), layer.input_size or 0
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The gather table of the conv a layer is (Conv) or is the adjoint of (ConvTranspose).
+
+    ``table[o, t]`` is the flat index into the conv input (spatial shape ``conv_in``) that conv
+    output position o (flat, over ``conv_out``) reads at tap t (flat, over the kernel), or
+    ``prod(conv_in)`` (the sentinel) where it reads padding. ``weight`` is the layer's weight
+    in Conv layout (c_out_conv, c_in_conv / groups, *kernel). ``transposed`` says the layer's map
+    is the adjoint of this conv.
+    """
+
+    conv_out: tuple[int, ...]
+    conv_in: tuple[int, ...]
+    table: np.ndarray
+    weight: np.ndarray
+    groups: int
+    transposed: bool
+
+    @property
+    def sentinel(self) -> int:
+        return math.prod(self.conv_in)
+
+    @property
+    def conv_out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def conv_in_channels(self) -> int:
+        return int(self.weight.shape[1]) * self.groups
+
+
+def _axis_table(n_out: int, n_in: int, kernel: int, stride: int, dilation: int, shift: int,
+                circular: bool) -> np.ndarray:
+    """(n_out, kernel) input indices read by a 1-d conv; -1 where it reads padding."""
+    index = (np.arange(n_out)[:, None] * stride + np.arange(kernel)[None, :] * dilation - shift)
+    if circular:
+        return index % n_in
+    return np.where((index >= 0) & (index < n_in), index, -1)
+
+
+def conv_geometry(layer: Layer, boundary: Boundary = "zeros") -> ConvGeometry:
+    """The gather table of ``layer`` (a Conv or ConvTranspose) for ``boundary``."""
+    if not layer.is_conv:
+        raise ValueError(f"{layer.op_type} is not a convolution")
+    spatial = _check_conv_input(layer)
+    out = output_spatial_shape(layer, boundary)
+    transposed = layer.op_type == "ConvTranspose"
+    # The conv side: a ConvTranspose reads its output grid (as conv input) into its input grid.
+    conv_out, conv_in = (spatial, out) if transposed else (out, spatial)
+    circular = boundary == "circular"
+    d = layer.spatial_dims
+    axes = [
+        _axis_table(conv_out[a], conv_in[a], layer.kernel_shape[a], layer.strides[a],
+                    layer.dilations[a], layer.pads[a], circular)
+        for a in range(d)
+    ]
+    # Cartesian product over axes: broadcast axis a's table to (out_1..out_d, k_1..k_d).
+    flat = np.zeros([1] * (2 * d), dtype=np.int64)
+    valid = np.ones([1] * (2 * d), dtype=bool)
+    step = 1
+    for a in reversed(range(d)):
+        shape = [1] * (2 * d)
+        shape[a], shape[d + a] = axes[a].shape
+        table = axes[a].reshape(shape)
+        flat = flat + table * step
+        valid = valid & (table >= 0)
+        step *= conv_in[a]
+    sentinel = math.prod(conv_in)
+    table = np.where(valid, flat, sentinel).reshape(math.prod(conv_out), -1)
+    return ConvGeometry(conv_out=tuple(conv_out), conv_in=tuple(conv_in), table=table,
+                        weight=np.asarray(layer.weight), groups=layer.groups,
+                        transposed=transposed)
+
+
+def _conv_side_sparse(geo: ConvGeometry) -> sp.csr_matrix:
+    """CSR matrix of the conv side (gather), duplicates (circular wrap) summed."""
+    o_idx, t_idx = np.nonzero(geo.table != geo.sentinel)
+    i_idx = geo.table[o_idx, t_idx]
+    n_out, n_in = math.prod(geo.conv_out), math.prod(geo.conv_in)
+    c_out, cin_g, g = geo.conv_out_channels, int(geo.weight.shape[1]), geo.groups
+    cout_g = c_out // g
+    co = np.arange(c_out)
+    ci = (co // cout_g)[:, None] * cin_g + np.arange(cin_g)[None, :]  # (c_out, cin_g)
+    weight = geo.weight.reshape(c_out, cin_g, -1).astype(np.float64)
+    values = weight[:, :, t_idx]  # (c_out, cin_g, nnz_spatial)
+    rows = co[:, None, None] * n_out + o_idx[None, None, :]
+    cols = ci[:, :, None] * n_in + i_idx[None, None, :]
+    rows = np.broadcast_to(rows, values.shape).ravel()
+    cols = np.broadcast_to(cols, values.shape).ravel()
+    shape = (c_out * n_out, geo.conv_in_channels * n_in)
+    # coo -> csr sums duplicate (row, col) pairs: a kernel larger than a circular input wraps.
+    return sp.coo_matrix((values.ravel(), (rows, cols)), shape=shape).tocsr()
+
+
+def sparse_operator(layer: Layer, boundary: Boundary = "zeros") -> sp.csr_matrix:
+    """The layer's matrix (rows: output, cols: input, C-order flattening) as float64 CSR."""
+    if not layer.is_conv:
+        return sp.csr_matrix(np.asarray(layer.weight, dtype=np.float64))
+    geo = conv_geometry(layer, boundary)
+    matrix = _conv_side_sparse(geo)
+    return matrix.T.tocsr() if geo.transposed else matrix
+
+
+def dense_operator(layer: Layer, boundary: Boundary = "zeros") -> np.ndarray:
+    """The layer's matrix as a dense float64 array (small layers only)."""
+    if not layer.is_conv:
+        return np.array(layer.weight, dtype=np.float64)
+    return sparse_operator(layer, boundary).toarray()
+
+
+class ConvApply:
+    """Matrix-free product with a conv layer's matrix and its adjoint (im2col + matmul).
+
+    Memory is the im2col buffer (input channels x taps x output positions), chunked over
+    output positions to stay below ~128 MiB, never the operator itself.
+    """
+
+    def __init__(self, layer: Layer, boundary: Boundary = "zeros",
+                 dtype: type = np.float64) -> None:
+        self.geo = conv_geometry(layer, boundary)
+        self.dtype = np.dtype(dtype)
+        geo = self.geo
+        g, cout_g = geo.groups, geo.conv_out_channels // geo.groups
+        cin_g = int(geo.weight.shape[1])
+        self._taps = geo.table.shape[1]
+        # (g, cout_g, cin_g * taps): one matmul per group.
+        self._w = geo.weight.astype(self.dtype).reshape(g, cout_g, cin_g * self._taps)
+        self._n_out, self._n_in = math.prod(geo.conv_out), math.prod(geo.conv_in)
+        per_position = geo.conv_in_channels * self._taps * self.dtype.itemsize
+        self._chunk = max(1, _CHUNK_BYTES // max(per_position, 1))
+        conv_rows = geo.conv_out_channels * self._n_out
+        conv_cols = geo.conv_in_channels * self._n_in
+        self.shape = (conv_cols, conv_rows) if geo.transposed else (conv_rows, conv_cols)
+
+    def _gather(self, x: np.ndarray) -> np.ndarray:
+        """The conv side: (c_in_conv * n_in,) -> (c_out_conv * n_out,)."""
+        geo = self.geo
+        g, cin = geo.groups, geo.conv_in_channels
+        padded = np.zeros((cin, self._n_in + 1), dtype=self.dtype)
+        padded[:, :-1] = x.reshape(cin, self._n_in)
+        out = np.empty((geo.conv_out_channels, self._n_out), dtype=self.dtype)
+        for start in range(0, self._n_out, self._chunk):
+            stop = min(start + self._chunk, self._n_out)
+            cols = padded[:, geo.table[start:stop].T]  # (cin, taps, positions)
+            cols = cols.reshape(g, -1, stop - start)
+            out[:, start:stop] = np.matmul(self._w, cols).reshape(-1, stop - start)
+        return out.ravel()
+
+    def _scatter(self, y: np.ndarray) -> np.ndarray:
+        """The adjoint of ``_gather``: (c_out_conv * n_out,) -> (c_in_conv * n_in,)."""
+        geo = self.geo
+        g, cin = geo.groups, geo.conv_in_channels
+        y = y.reshape(g, -1, self._n_out)
+        width = self._n_in + 1
+        out = np.zeros(cin * width, dtype=np.float64)
+        offsets = (np.arange(cin) * width)[:, None, None]
+        w_t = np.swapaxes(self._w, 1, 2)
+        for start in range(0, self._n_out, self._chunk):
+            stop = min(start + self._chunk, self._n_out)
+            cols = np.matmul(w_t, y[:, :, start:stop]).reshape(cin, self._taps, stop - start)
+            index = offsets + geo.table[start:stop].T[None, :, :]
+            out += np.bincount(index.ravel(), weights=cols.ravel(), minlength=cin * width)
+        return out.reshape(cin, width)[:, :-1].ravel().astype(self.dtype, copy=False)
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """The layer's map on one flattened input."""
+        x = np.asarray(x, dtype=self.dtype).ravel()
+        return self._scatter(x) if self.geo.transposed else self._gather(x)
+
+    def rmatvec(self, y: np.ndarray) -> np.ndarray:
+        """The adjoint (transpose) of the layer's map on one flattened output."""
+        y = np.asarray(y, dtype=self.dtype).ravel()
+        return self._gather(y) if self.geo.transposed else self._scatter(y)
+
+
+def group_blocks(layer: Layer) -> list[Layer]:
+    """The groups of a grouped convolution as ungrouped layers (the layer itself if g = 1).
+
+    With groups, output channels of group j read only input channels of group j, so the
+    operator is block diagonal up to a permutation of rows and columns: its singular values are
+    the union of the blocks'. All blocks have the same shape.
+    """
+    if not layer.is_conv or layer.groups == 1:
+        return [layer]
+    g = layer.groups
+    in_per_group = layer.in_channels // g
+    per_group = layer.weight.shape[0] // g  # Conv: c_out/g filters; ConvTranspose: c_in/g rows
+    shape = None if layer.input_shape is None else (in_per_group, *layer.input_shape[1:])
+    return [
+        replace(layer, name=f"{layer.name}[group {j}]", groups=1, bias=None, input_shape=shape,
+                weight=layer.weight[j * per_group:(j + 1) * per_group])
+        for j in range(g)
+    ]

@@ -1,0 +1,257 @@
+"""``specprof report``: one self-contained HTML file about one stored run.
+
+Everything is inline (CSS, a few lines of JS to sort the table, PNG plots as base64 data URIs),
+so the file can be mailed or archived and opens offline. The spectral analysis is read from the
+store; if the run has none yet it is computed (and stored) first.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from specprof.engine.errors import SpecprofError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from specprof.engine.store import Store
+
+MAX_ESD_PLOTS = 24
+"""ESD histograms drawn at most (the first layers by position), to keep the file small."""
+
+TABLE_COLUMNS = ["layer", "description", "kind", "backend", "n_values", "alpha", "alpha_hat",
+                 "pl_ks", "n_spikes", "mp_ks", "stable_rank", "spectral_norm", "layer_bound",
+                 "lipschitz_bound", "rand_alpha", "rand_n_spikes", "notes"]
+HYPERGRAPH_SKIP = {"analysis_id", "run", "model", "analyzer", "params", "created_at"}
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
+td.text,th.text{text-align:left}td.text{max-width:360px}
+th{background:#eef2f7;cursor:pointer;user-select:none}
+th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
+tr:nth-child(even) td{background:#fafafa}
+.plots img{margin:4px;border:1px solid #ddd;max-width:100%}
+dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}
+dt{font-weight:600}pre{font-size:12px;background:#f6f6f6;padding:8px;overflow:auto}
+.note{color:#666;font-size:12px}
+"""
+
+# Click a header to sort by that column; numbers numerically, empty cells last.
+SORT_JS = """
+document.querySelectorAll("table.sortable th").forEach(function(th, col){
+  th.addEventListener("click", function(){
+    var body = th.closest("table").tBodies[0], asc = !th.classList.contains("sorted-asc");
+    th.parentNode.querySelectorAll("th").forEach(function(h){h.className=h.className.replace(/ ?sorted-(asc|desc)/g,"");});
+    th.className += asc ? " sorted-asc" : " sorted-desc";
+    var key = function(r){var t=r.cells[col].textContent.trim(), n=parseFloat(t); return t==="" ? null : (isNaN(n) ? t : n);};
+    Array.from(body.rows).sort(function(a, b){
+      var x = key(a), y = key(b);
+      if (x === null || y === null) return (x === null) - (y === null);
+      return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
+    }).forEach(function(r){body.appendChild(r);});
+  });
+});
+"""
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    """A cell: floats to 6 significant digits, NaN/None empty, everything escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, float | np.floating):
+        return "" if not math.isfinite(float(value)) else f"{float(value):.6g}"
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass  # lists, dicts: not scalars, so not missing
+    return html.escape(str(value))
+
+
+def _is_numeric(frame: pd.DataFrame, column: str) -> bool:
+    values = [v for v in frame[column] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return bool(values) and all(isinstance(v, int | float | np.integer | np.floating)
+                                and not isinstance(v, bool) for v in values)
+
+
+def html_table(frame: pd.DataFrame, columns: list[str], table_id: str) -> str:
+    """A sortable HTML table of ``frame``'s ``columns`` (those it has)."""
+    columns = [c for c in columns if c in frame.columns]
+    kinds = {c: "" if _is_numeric(frame, c) else "text" for c in columns}
+    head = "".join(f'<th class="{kinds[c]}">{html.escape(c)}</th>' for c in columns)
+    rows = []
+    for record in frame[columns].to_dict("records"):
+        cells = "".join(f'<td class="{kinds[c]}">{_text(record[c])}</td>' for c in columns)
+        rows.append(f"<tr>{cells}</tr>")
+    return (f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _image(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _definitions(items: dict[str, Any]) -> str:
+    return "<dl>" + "".join(f"<dt>{html.escape(str(k))}</dt><dd>{_text(v)}</dd>"
+                            for k, v in items.items()) + "</dl>"
+
+
+# --- content -------------------------------------------------------------------------------------
+
+
+def spectral_rows(store: Store, run_id: int, kind: str | None) -> pd.DataFrame:
+    """The run's stored spectral analysis (of ``kind``, else the newest one); computed and
+    stored now when there is none."""
+    from specprof.plugins.analyzers.spectral import ANALYZER, SpectralAnalyzer
+
+    def stored() -> pd.DataFrame:
+        frame = store.analyses(run=run_id, analyzer=ANALYZER)
+        if frame.empty:
+            return frame
+        keys = frame["params"].map(lambda p: json.dumps(p, sort_keys=True))
+        if kind is not None:
+            return frame[frame["params"].map(lambda p: p.get("kind") == kind)]
+        newest = keys[frame["analysis_id"].idxmax()]
+        return frame[keys == newest]
+
+    frame = stored()
+    if frame.empty:
+        SpectralAnalyzer().analyze(store, run_id, {"kind": kind})
+        frame = stored()
+    return frame.sort_values("layer_index").reset_index(drop=True)
+
+
+def _esd_section(store: Store, run_id: int, rows: pd.DataFrame) -> str:
+    from specprof.plugins.analyzers import plots
+    from specprof.plugins.analyzers.spectral import matrix_shape
+
+    wanted = {int(s): record for s, record in zip(rows["spectrum_id"], rows.to_dict("records"),
+                                                  strict=True) if s == s and s is not None}
+    images = []
+    for layer_row, spectrum in store.spectra_for_run(run_id):
+        record = wanted.get(int(layer_row["spectrum_id"]))
+        if record is None or len(images) >= MAX_ESD_PLOTS:
+            continue
+        shape = matrix_shape(layer_row, spectrum)
+        scale = float(max(shape)) if shape is not None else 1.0
+        title = (f"{layer_row['name']} ({spectrum.kind}, {spectrum.backend})"
+                 + ("" if shape is not None else ": unnormalized, shape unknown"))
+        png = plots.esd_plot(spectrum.values**2 / scale, spectrum.multiplicities, record, title)
+        images.append(_image(png, f"ESD of {layer_row['name']}"))
+    more = len(wanted) - len(images)
+    note = f'<p class="note">{more} more layer(s) not drawn.</p>' if more > 0 else ""
+    return f'<div class="plots" id="esd-plots">{"".join(images)}</div>{note}'
+
+
+def _plots_section(store: Store, run_id: int, model: str, kind: str) -> str:
+    from specprof.plugins.analyzers import plots
+
+    spectra = store.query(run=run_id)
+    images = [_image(plots.sigma_max_by_depth(spectra, f"sigma_max by depth, run {run_id}"),
+                     "sigma_max by depth")]
+    compared = plots.backend_comparison(spectra)
+    if compared is not None:
+        images.append(_image(compared, "backend comparison"))
+    history = store.query(model=model, kind=kind)
+    history = history[history["status"] == "ok"].drop_duplicates(["run", "layer_index"])
+    across = plots.runs_comparison(history, "sigma_max", f"sigma_max across runs of {model} ({kind})")
+    if across is not None:
+        images.append(_image(across, "sigma_max across runs"))
+    alphas = store.analyses(model=model, analyzer="spectral")
+    if not alphas.empty:
+        alphas = alphas[alphas["params"].map(lambda p: p.get("kind") == kind)]
+        across_alpha = plots.runs_comparison(alphas, "alpha", f"alpha across runs of {model} ({kind})")
+        if across_alpha is not None:
+            images.append(_image(across_alpha, "alpha across runs"))
+    return f'<div class="plots" id="plots">{"".join(images)}</div>'
+
+
+def _hypergraph_section(store: Store, run_id: int) -> str:
+    metrics = store.analyses(run=run_id, analyzer="hypergraph")
+    graphs = store.hypergraphs(run=run_id)
+    if metrics.empty and graphs.empty:
+        return '<p class="note">No hypergraph analysis stored for this run ' \
+               "(run <code>specprof hypergraph</code>).</p>"
+    parts = []
+    if not metrics.empty:
+        columns = [c for c in metrics.columns if c not in HYPERGRAPH_SKIP
+                   and metrics[c].map(lambda v: v is not None and v == v).any()]
+        parts.append(html_table(metrics, columns, "hypergraph-table"))
+    if not graphs.empty:
+        parts.append(html_table(graphs, ["hypergraph_id", "analyzer", "name", "params",
+                                         "created_at"], "hypergraph-list"))
+    return "".join(parts)
+
+
+def build_report(store: Store, run_id: int, kind: str | None = None) -> str:
+    """The report of run ``run_id`` as one HTML string."""
+    info = store.run_info(run_id)
+    rows = spectral_rows(store, run_id, kind)
+    if rows.empty:
+        raise SpecprofError(f"run {run_id} has no spectral analysis of {kind} spectra",
+                            "run: specprof analyze --run ID --spectrum KIND")
+    chosen = str(rows["kind"].iloc[0])
+    layer_rows = store.layers(info["model_id"])
+    n_weights = int(sum(math.prod(shape) for shape in layer_rows["weight_shape"]))
+    bounds = rows["lipschitz_bound"] if "lipschitz_bound" in rows else []
+    bound = bounds.iloc[-1] if len(bounds) else None
+    summary = {
+        "model": info["model"], "run": run_id, "status": info["status"],
+        "linear layers": len(layer_rows), "weights in linear layers": f"{n_weights:,}",
+        "spectrum kind analyzed": chosen,
+        "Lipschitz upper bound (product of layer norms)": bound,
+        "started": info["started_at"], "finished": info["finished_at"], "host": info["host"],
+    }
+    if info.get("error"):
+        summary["error"] = info["error"]
+    baseline = ("shuffled-weights baseline included (rand_* columns)"
+                if rows.get("rand_alpha") is not None and rows["rand_alpha"].notna().any()
+                else "no shuffled-weights baseline (it needs the model file: "
+                     "specprof analyze MODEL_FILE)")
+    title = f"specprof report: {info['model']}, run {run_id}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<h2>Model summary</h2>{_definitions(summary)}
+<p class="note">The Lipschitz bound multiplies the layers' operator-norm bounds in order; it
+assumes a plain chain of these layers with 1-Lipschitz activations (ReLU) and ignores residual
+connections and normalization layers. {html.escape(baseline)}.</p>
+<h2>Layers ({len(rows)}, {html.escape(chosen)} spectra)</h2>
+{html_table(rows, TABLE_COLUMNS, "layers-table")}
+<h2>Plots</h2>{_plots_section(store, run_id, info["model"], chosen)}
+<h2>Empirical spectral densities</h2>{_esd_section(store, run_id, rows)}
+<h2>Hypergraph class separation</h2>{_hypergraph_section(store, run_id)}
+<h2>Run parameters</h2><pre>{html.escape(json.dumps(info["config"], indent=2, default=str))}</pre>
+<h2>Versions</h2>{_definitions(info["versions"])}
+<script>{SORT_JS}</script>
+</body></html>
+"""
+
+
+def write_report(store: Store, run_id: int, path: str | Path, kind: str | None = None) -> Path:
+    """Write the report of ``run_id`` to ``path``; returns the path written."""
+    target = Path(path)
+    content = build_report(store, run_id, kind)
+    try:
+        target.write_text(content, encoding="utf-8")
+    except OSError as error:
+        raise SpecprofError(f"cannot write the report to {target}: {error.strerror}",
+                            "choose another -o path") from error
+    return target

@@ -1,0 +1,400 @@
+"""The ``fft-circulant`` backend: exact singular values of the circularly padded operator.
+
+Sedghi, Gupta, Long (ICLR 2019): with circular padding and stride 1, a convolution on an
+n_1 x ... x n_d grid is block multi-level circulant, so the Fourier transform block-diagonalizes
+it and its singular values are the union over the grid frequencies f of the singular values of
+the c_out x c_in symbol
+
+    P(f) = sum_a W[:, :, a] exp(-2 pi i <f, a * dilation> / n).
+
+What this module adds to the paper's recipe (each is exact, none is an approximation):
+
+- The symbol is evaluated straight from the small kernel with one small phase matrix per
+  dimension (a separable DFT, ``tensordot``), not by an FFT of the kernel padded to the grid.
+  The phases use ``(a * dilation * f) mod n`` in integers, so a kernel larger than the grid wraps
+  (its taps alias: they add modulo n) and is never cropped, and dilation costs nothing extra.
+- Real kernels have P(-f) = conj P(f), which has the same singular values: only the half grid
+  along the last axis is computed (like ``rfftn``) and every value there carries multiplicity 2,
+  except on the self-conjugate planes f_d = 0 and f_d = n_d / 2.
+- Stride s (n divisible by s) by polyphase decomposition (Senderovich et al. 2022): input
+  position s*t + r is channel r of a grid n/s, so the layer is a stride-1 problem on the n/s grid
+  with prod(s) times the input channels; each tap a lands in phase (a*dil) mod s at offset
+  (a*dil) div s. Unequal strides such as (2, 1) need nothing special.
+- Groups (and depthwise) are block-diagonal: the per-group symbols are one more batch axis.
+- ConvTranspose with weight (c_in, c_out/g, k) is the adjoint of the Conv with that same weight
+  on the grid n = m * s (m its input size): same singular values.
+- A kernel of size 1 in every dimension has a constant symbol: the spectrum of the (padded)
+  weight matrix once, with multiplicity prod(n/s), never expanded. Gemm/MatMul: the matrix.
+
+The per-frequency singular values come from one batched LAPACK call (``np.linalg.svd`` with
+``compute_uv=False``), split over a few threads (the gufunc releases the GIL), or on CUDA from
+``torch.linalg.svdvals``. A Gram + ``eigvalsh`` path on the smaller side is offered
+(``method="gram"``): it squares the condition number, so values below ~1e-8 * sigma_max lose
+their relative accuracy. The default is ``"svd"`` because this backend promises exact values
+(it is the ground truth for circular padding in ``compare``) and on this hardware the Gram path
+was not reliably faster (measured in ``benchmarks/backends.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from specprof.engine import hookimpl
+from specprof.engine.base import Backend
+from specprof.engine.types import MATRIX_OPS, Layer, Request, Spectrum, Support
+
+Method = Literal["svd", "gram"]
+
+# Below this many matrices a batch is not split over threads: thread start-up would dominate.
+_MIN_BATCH_PER_THREAD = 8
+
+
+# --------------------------------------------------------------------------------------------
+# The circulant problem: per-group kernels, grid, strides, dilations.
+
+
+def conv_form(layer: Layer) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The convolution whose circular operator has the layer's singular values.
+
+    Returns ``(kernels, grid, strides, dilations)`` with ``kernels`` of shape
+    (groups, c_out/groups, c_in/groups, k_1, ..., k_d) and ``grid`` the conv's input size n.
+    A ConvTranspose is the adjoint of the Conv with the same weight, whose input grid is the
+    transpose's output grid m * s.
+    """
+    weight = layer.weight
+    g = layer.groups
+    assert layer.input_shape is not None
+    spatial = tuple(int(n) for n in layer.input_shape[1:])
+    if layer.op_type == "ConvTranspose":
+        grid = tuple(m * s for m, s in zip(spatial, layer.strides, strict=True))
+    else:
+        grid = spatial
+    kernels = weight.reshape(g, weight.shape[0] // g, *weight.shape[1:])
+    return kernels, grid, tuple(layer.strides), tuple(layer.dilations)
+
+
+def phase_matrix(size: int, grid: int, stride: int, dilation: int, half: bool,
+                 dtype: Any = np.complex128) -> np.ndarray:
+    """Phases of one dimension: shape (kernel size, stride, frequencies).
+
+    Entry [a, r, f] is exp(-2 pi i q f / N) when tap a (at offset t = a*dilation) falls in
+    polyphase component r = t mod s at offset q = t div s of the N = n/s grid, else 0. The
+    product ``q * f`` is reduced mod N in integers: exact aliasing and accurate phases.
+    """
+    small = grid // stride
+    n_freq = small // 2 + 1 if half else small
+    taps = np.arange(size) * dilation
+    phase_index, offset = taps % stride, taps // stride
+    freqs = np.arange(n_freq)
+    angle = (-2.0 * np.pi / small) * ((offset[:, None] * freqs[None, :]) % small)
+    matrix = np.zeros((size, stride, n_freq), dtype=np.complex128)
+    matrix[np.arange(size), phase_index, :] = np.exp(1j * angle)
+    return matrix.astype(dtype)
+
+
+def frequency_multiplicities(small_grid: tuple[int, ...]) -> np.ndarray:
+    """How often each half-grid frequency's singular values occur on the full grid.
+
+    Shape (N_1, ..., N_{d-1}, N_d//2 + 1). A frequency with 0 < f_d < N_d/2 stands for itself
+    and its conjugate -f (outside the half grid): 2. On f_d = 0 and f_d = N_d/2 the conjugate
+    is on the half grid too, so those count once.
+    """
+    *lead, last = small_grid
+    along_last = np.full(last // 2 + 1, 2, dtype=np.int64)
+    along_last[0] = 1
+    if last % 2 == 0:
+        along_last[-1] = 1
+    return np.broadcast_to(along_last, (*lead, last // 2 + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Array code, written once for NumPy and torch.
+
+
+class _NumpyOps:
+    """NumPy/LAPACK on the CPU; batched SVDs split over ``threads`` threads."""
+
+    device = "cpu"
+
+    def __init__(self, threads: int) -> None:
+        self.threads = max(1, threads)
+
+    def asarray(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def tensordot(self, a: np.ndarray, b: np.ndarray, axes: tuple[list[int], list[int]]) -> np.ndarray:
+        return np.tensordot(a, b, axes=axes)
+
+    def permute(self, a: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+        return np.ascontiguousarray(a.transpose(order))
+
+    def _split(self, stack: np.ndarray, fn: Any) -> np.ndarray:
+        chunks = min(self.threads, stack.shape[0] // _MIN_BATCH_PER_THREAD)
+        if chunks <= 1:
+            return fn(stack)
+        with ThreadPoolExecutor(chunks) as pool:
+            return np.concatenate(list(pool.map(fn, np.array_split(stack, chunks))))
+
+    def svdvals(self, stack: np.ndarray) -> np.ndarray:
+        return self._split(stack, lambda part: np.linalg.svd(part, compute_uv=False))
+
+    def gram_eigvals(self, stack: np.ndarray) -> np.ndarray:
+        def one(part: np.ndarray) -> np.ndarray:
+            if part.shape[-2] <= part.shape[-1]:
+                gram = part @ part.conj().swapaxes(-1, -2)
+            else:
+                gram = part.conj().swapaxes(-1, -2) @ part
+            return np.linalg.eigvalsh(gram)[..., ::-1]
+
+        return self._split(stack, one)
+
+    def vector_norms(self, stack: np.ndarray, axis: int) -> np.ndarray:
+        return np.sqrt(np.sum(np.abs(stack) ** 2, axis=axis))
+
+    def numpy(self, a: np.ndarray) -> np.ndarray:
+        return np.asarray(a)
+
+
+class _TorchOps:
+    """torch on ``device`` (CUDA, or the CPU to test that both paths agree)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+
+    def asarray(self, array: np.ndarray) -> Any:
+        # A copy: Layer weights are read-only, which torch.from_numpy warns about.
+        return self.torch.from_numpy(np.array(array)).to(self.device)
+
+    def tensordot(self, a: Any, b: Any, axes: tuple[list[int], list[int]]) -> Any:
+        if not a.is_complex():
+            a = a.to(b.dtype)
+        return self.torch.tensordot(a, b, dims=axes)
+
+    def permute(self, a: Any, order: tuple[int, ...]) -> Any:
+        return a.permute(order).contiguous()
+
+    def svdvals(self, stack: Any) -> Any:
+        return self.torch.linalg.svdvals(stack)
+
+    def gram_eigvals(self, stack: Any) -> Any:
+        if stack.shape[-2] <= stack.shape[-1]:
+            gram = stack @ stack.mH
+        else:
+            gram = stack.mH @ stack
+        return self.torch.flip(self.torch.linalg.eigvalsh(gram), dims=(-1,))
+
+    def vector_norms(self, stack: Any, axis: int) -> Any:
+        return self.torch.linalg.vector_norm(stack, dim=axis)
+
+    def numpy(self, a: Any) -> np.ndarray:
+        return a.detach().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# The spectrum.
+
+
+def symbol_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
+                    dilations: tuple[int, ...], precision: str = "float64",
+                    ops: Any = None) -> Any:
+    """The half-grid symbols, shape (groups * prod(F), c_out/g, c_in/g * prod(s)).
+
+    ``kernels`` is (groups, c_out/g, c_in/g, k_1, ..., k_d) as from ``conv_form``; F is the
+    half grid of the (n/s) grid (full along all axes but the last).
+    """
+    ops = ops or _NumpyOps(1)
+    real, cplx = (np.float32, np.complex64) if precision == "float32" else (np.float64, np.complex128)
+    d = len(grid)
+    g, c_out, c_in = kernels.shape[:3]
+    x = ops.asarray(np.asarray(kernels, dtype=real))
+    freq_shape = []
+    for j in range(d):
+        phases = phase_matrix(kernels.shape[3 + j], grid[j], strides[j], dilations[j],
+                              half=(j == d - 1), dtype=cplx)
+        freq_shape.append(phases.shape[2])
+        # Contract the next kernel axis (always axis 3: earlier ones are gone, new axes go last).
+        x = ops.tensordot(x, ops.asarray(phases), axes=([3], [0]))
+    # x: (g, c_out, c_in, s_1, F_1, ..., s_d, F_d) -> (g, F_1..F_d, c_out, c_in, s_1..s_d)
+    order = (0, *[4 + 2 * j for j in range(d)], 1, 2, *[3 + 2 * j for j in range(d)])
+    x = ops.permute(x, order)
+    return x.reshape(g * math.prod(freq_shape), c_out, c_in * math.prod(strides))
+
+
+def _batched_values(stack: Any, method: Method, ops: Any) -> np.ndarray:
+    """Descending singular values of each matrix of the stack, (batch, min(rows, cols))."""
+    rows, cols = stack.shape[-2:]
+    if min(rows, cols) == 1:
+        # Depthwise and friends: a row or column vector's only singular value is its norm.
+        return ops.numpy(ops.vector_norms(stack, axis=-1 if rows == 1 else -2)).reshape(-1, 1)
+    if method == "gram":
+        eigenvalues = ops.numpy(ops.gram_eigvals(stack))
+        return np.sqrt(np.clip(eigenvalues, 0.0, None))
+    return ops.numpy(ops.svdvals(stack))
+
+
+def _pointwise_spectrum(kernels: np.ndarray, strides: tuple[int, ...], small_grid: tuple[int, ...],
+                        method: Method, ops: Any, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel size 1: the symbol is [W, 0, ..., 0] at every frequency (zero columns for the
+    polyphase components no tap reaches), so one SVD per group with multiplicity prod(n/s)."""
+    real = np.float32 if precision == "float32" else np.float64
+    g, c_out, c_in = kernels.shape[:3]
+    matrices = np.asarray(kernels.reshape(g, c_out, c_in), dtype=real)
+    values = _batched_values(ops.asarray(matrices), method, ops)
+    extra_zeros = min(c_out, c_in * math.prod(strides)) - min(c_out, c_in)
+    values = np.concatenate([values, np.zeros((g, extra_zeros), dtype=values.dtype)], axis=1)
+    return values.ravel(), np.full(values.size, math.prod(small_grid), dtype=np.int64)
+
+
+def circulant_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
+                       dilations: tuple[int, ...], method: Method = "svd",
+                       precision: str = "float64", ops: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """All singular values of the circular conv as (values, multiplicities), unsorted.
+
+    Every grid dimension must be divisible by its stride.
+    """
+    ops = ops or _NumpyOps(1)
+    small_grid = tuple(n // s for n, s in zip(grid, strides, strict=True))
+    if all(k == 1 for k in kernels.shape[3:]):
+        return _pointwise_spectrum(kernels, strides, small_grid, method, ops, precision)
+    stack = symbol_matrices(kernels, grid, strides, dilations, precision, ops)
+    values = _batched_values(stack, method, ops)
+    per_frequency = np.tile(frequency_multiplicities(small_grid).ravel(), kernels.shape[0])
+    multiplicities = np.repeat(per_frequency, values.shape[1])
+    return values.ravel(), multiplicities
+
+
+def top_k_of(values: np.ndarray, multiplicities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest values of the whole operator, counting multiplicities (exact)."""
+    order = np.argsort(-values, kind="stable")
+    values, multiplicities = values[order], multiplicities[order]
+    before = np.cumsum(multiplicities) - multiplicities
+    keep = before < k
+    kept = np.minimum(multiplicities[keep], k - before[keep])
+    return values[keep], kept
+
+
+class FftCirculantBackend(Backend):
+    """Exact singular values of the circularly padded operator (Sedghi et al. 2019)."""
+
+    name: ClassVar[str] = "fft-circulant"
+    description: ClassVar[str] = (
+        "exact operator spectrum with circular padding: per-frequency SVD of the kernel's "
+        "symbol on the half grid (Sedghi et al. 2019), polyphase strides, groups, dilation")
+    kind = "operator"
+    exact: ClassVar[bool] = True
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    def __init__(self, method: Method = "svd", threads: int | None = None,
+                 _torch_on_cpu: bool = False) -> None:
+        if method not in ("svd", "gram"):
+            raise ValueError(f"method must be 'svd' or 'gram', not {method!r}")
+        self.method: Method = method
+        self.threads = threads or min(os.cpu_count() or 1, 8)
+        self._torch_on_cpu = _torch_on_cpu
+
+    def supports(self, layer: Layer, request: Request) -> Support:
+        if request.device not in self.devices:
+            return Support.no(f"device '{request.device}' is not one of {', '.join(self.devices)}")
+        if request.device == "cuda":
+            cuda = _cuda_support()
+            if not cuda:
+                return cuda
+        if not np.isfinite(layer.weight).all():
+            return Support.no("weights contain NaN or Inf")
+        if layer.op_type in MATRIX_OPS:
+            return Support.yes()
+        if not layer.is_conv:
+            return Support.no(f"op {layer.op_type} is not a convolution or matrix product")
+        if layer.input_shape is None:
+            return Support.no("the input size is unknown: pass --input-shape")
+        if layer.input_shape[0] != layer.in_channels:
+            return Support.no(f"input has {layer.input_shape[0]} channels, the weight expects "
+                              f"{layer.in_channels}")
+        if request.boundary == "zeros" and not _zeros_equals_circular(layer):
+            return Support.no("fft-circulant computes the circular-padding spectrum only; for "
+                              "zero padding use the toeplitz or exact backend, or ask for "
+                              "boundary 'circular'")
+        if layer.op_type == "Conv":
+            spatial = layer.input_shape[1:]
+            bad = [(n, s) for n, s in zip(spatial, layer.strides, strict=True) if n % s]
+            if bad:
+                return Support.no(f"input size {'x'.join(map(str, spatial))} is not divisible "
+                                  f"by stride {'x'.join(map(str, layer.strides))} (polyphase "
+                                  "needs n divisible by s)")
+        return Support.yes()
+
+    def compute(self, layer: Layer, request: Request) -> Spectrum:
+        start = time.perf_counter()
+        ops = self._ops(request)
+        precision = request.precision
+        if layer.op_type in MATRIX_OPS:
+            real = np.float32 if precision == "float32" else np.float64
+            matrix = ops.asarray(np.asarray(layer.weight, dtype=real)[None])
+            values = _batched_values(matrix, self.method, ops).ravel()
+            multiplicities = np.ones(values.size, dtype=np.int64)
+            note = "matrix"
+        else:
+            kernels, grid, strides, dilations = conv_form(layer)
+            values, multiplicities = circulant_spectrum(kernels, grid, strides, dilations,
+                                                        self.method, precision, ops)
+            small = "x".join(str(n // s) for n, s in zip(grid, strides, strict=True))
+            note = f"{self.method} on the half grid of {small}"
+            if any(s != 1 for s in strides):
+                note += f", polyphase x{math.prod(strides)}"
+        if request.top_k is not None:
+            values, multiplicities = top_k_of(values, multiplicities, request.top_k)
+        spectrum_multiplicities = None if (multiplicities == 1).all() else multiplicities
+        return Spectrum(
+            values=values.astype(np.float64),
+            kind="operator",
+            backend=self.name,
+            exact=True,
+            multiplicities=spectrum_multiplicities,
+            boundary="circular",
+            seconds=time.perf_counter() - start,
+            device=ops.device,
+            params={**request.params(), "method": self.method},
+            note=note,
+        )
+
+    def _ops(self, request: Request) -> Any:
+        if request.device == "cuda":
+            return _TorchOps("cuda")
+        if self._torch_on_cpu:
+            return _TorchOps("cpu")
+        return _NumpyOps(self.threads)
+
+
+def _cuda_support() -> Support:
+    try:
+        import torch
+    except ImportError:
+        return Support.no("device cuda needs torch: pip install 'specprof[torch]'")
+    if not torch.cuda.is_available():
+        return Support.no("device cuda asked but torch sees no CUDA GPU; use --device cpu")
+    return Support.yes()
+
+
+def _zeros_equals_circular(layer: Layer) -> bool:
+    """True where zero padding and circular padding give the same operator: a 1x1 kernel with
+    no padding never reads past the border (for ConvTranspose only at stride 1, where the
+    output grid is the input grid)."""
+    if any(k != 1 for k in layer.kernel_shape) or any(p != 0 for p in layer.pads):
+        return False
+    if layer.op_type == "ConvTranspose":
+        return all(s == 1 for s in layer.strides) and all(p == 0 for p in layer.output_padding)
+    return True
+
+
+@hookimpl
+def specprof_register_backends() -> list[type]:
+    return [FftCirculantBackend]

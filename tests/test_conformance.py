@@ -1,0 +1,61 @@
+"""Every built-in backend passes the conformance suite it ships for third parties, here with
+the torch oracle (identity basis pushed through torch's convolutions) instead of specprof's
+own dense operator."""
+
+from __future__ import annotations
+
+import numpy as np
+from oracle import conv_matrix, conv_transpose_matrix
+
+from specprof.engine.conformance import BackendConformance
+from specprof.engine.types import Boundary, Layer
+from specprof.plugins.backends.exact import ExactBackend
+from specprof.plugins.backends.fft_circulant import FftCirculantBackend
+from specprof.plugins.backends.filter import FilterBackend
+from specprof.plugins.backends.toeplitz import ToeplitzBackend
+
+
+def torch_oracle(layer: Layer, boundary: Boundary) -> np.ndarray:
+    """Dense matrix of a zoo layer (symmetric pads) by torch, for either boundary."""
+    if not layer.is_conv:
+        return np.asarray(layer.weight, dtype=np.float64)
+    d = layer.spatial_dims
+    weight = np.asarray(layer.weight, dtype=np.float64)
+    common = {"stride": layer.strides, "dilation": layer.dilations, "groups": layer.groups}
+    if layer.op_type == "Conv":
+        if boundary == "circular":
+            return conv_matrix(weight, layer.input_shape, circular=True, **common)
+        return conv_matrix(weight, layer.input_shape, padding=layer.pads[:d], **common)
+    if boundary == "circular":
+        # The adjoint of the circular conv (c_out -> c_in channels) on the n*s grid.
+        grid = tuple(n * s for n, s in zip(layer.input_shape[1:], layer.strides))
+        return conv_matrix(weight, (layer.out_channels, *grid), circular=True, **common).T
+    return conv_transpose_matrix(weight, layer.input_shape, padding=layer.pads[:d],
+                                 output_padding=layer.output_padding, **common)
+
+
+class TorchOracle:
+    def oracle_matrix(self, layer: Layer, boundary: Boundary) -> np.ndarray:
+        return torch_oracle(layer, boundary)
+
+
+class TestExactConformance(TorchOracle, BackendConformance):
+    backend_class = ExactBackend
+    min_supported = 30
+
+
+class TestFilterConformance(TorchOracle, BackendConformance):
+    backend_class = FilterBackend
+    min_supported = 30
+
+
+class TestFftCirculantConformance(TorchOracle, BackendConformance):
+    backend_class = FftCirculantBackend
+    boundaries = ("circular",)
+    min_supported = 14
+
+
+class TestToeplitzConformance(TorchOracle, BackendConformance):
+    backend_class = ToeplitzBackend
+    boundaries = ("zeros",)
+    min_supported = 13
