@@ -126,11 +126,11 @@ def candidates() -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="12 layers instead of 120")
+    parser.add_argument("--quick", action="store_true", help="12 layers instead of 80")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=2020)
     args = parser.parse_args()
-    count = args.layers or (12 if args.quick else 120)
+    count = args.layers or (12 if args.quick else 80)
     rng = np.random.default_rng(args.seed)
     cands = candidates()
     results = {name: [] for name in cands}

@@ -64,7 +64,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=16, help="input height = width")
+    parser.add_argument("--size", type=int, default=8, help="input height = width")
     parser.add_argument("--checkpoint", help="a state_dict to load into the CNN (trained weights)")
     args = parser.parse_args()
     model = small_cnn(args.seed)

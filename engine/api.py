@@ -30,8 +30,8 @@ from specprof.engine.types import Boundary, Layer, LoadedModel, Request, Spectru
 
 __all__ = ["load_model", "load_spectrum", "profile", "query", "singular_values"]
 
-OUTCOME_COLUMNS = ["run", "layer", "op_type", "shape", "backend", "status", "sigma_max",
-                   "sigma_min", "n_values", "seconds", "reason"]
+OUTCOME_COLUMNS = ["run", "index", "layer", "op_type", "shape", "backend", "status", "sigma_max",
+                   "sigma_min", "n_values", "lower_bound", "upper_bound", "seconds", "reason"]
 
 
 def _shape(input_shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -53,6 +53,10 @@ def load_model(source: str | os.PathLike[str] | Any, *, format: str | None = Non
                        name=name)
 
 
+def _bound(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
 def outcomes_frame(run_id: int, outcomes: Sequence[LayerOutcome]) -> pd.DataFrame:
     """The per-layer table of a run, one row per (layer, backend)."""
     rows = []
@@ -60,6 +64,7 @@ def outcomes_frame(run_id: int, outcomes: Sequence[LayerOutcome]) -> pd.DataFram
         spectrum = outcome.spectrum
         rows.append({
             "run": run_id,
+            "index": outcome.layer.index,
             "layer": outcome.layer.name,
             "op_type": outcome.layer.op_type,
             "shape": outcome.layer.describe(),
@@ -68,6 +73,8 @@ def outcomes_frame(run_id: int, outcomes: Sequence[LayerOutcome]) -> pd.DataFram
             "sigma_max": spectrum.sigma_max if spectrum else math.nan,
             "sigma_min": spectrum.sigma_min if spectrum else math.nan,
             "n_values": spectrum.n_values if spectrum else 0,
+            "lower_bound": _bound(spectrum.lower_bound if spectrum else None),
+            "upper_bound": _bound(spectrum.upper_bound if spectrum else None),
             "seconds": spectrum.seconds if spectrum else 0.0,
             "reason": outcome.reason,
         })

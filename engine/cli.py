@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from typing import Any
 
@@ -138,9 +139,123 @@ def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int 
                             max_dense=max_dense, force=force, resume=resume, on_layer=tick)
     _warn(loaded.warnings, quiet)
     title = f"run {frame.attrs['run_id']}: {loaded.name} ({loaded.format}, {len(loaded.layers)} layers)"
-    emit(frame.drop(columns=["run"]), output_format, title)
+    if output_format == "table":
+        _print_profile_table(frame, title)
+    else:
+        emit(frame, output_format)
     if loaded.skipped and output_format == "table" and not quiet:
         _console().print(f"{len(loaded.skipped)} node(s) not profiled: see 'specprof layers'")
+
+
+_EXPORTER_NAME = re.compile(r"^/(?:[^/]+/)*([^/]+)/(?:Conv|ConvTranspose|Gemm|MatMul)(?:_\d+)?$")
+
+
+def short_name(name: str) -> str:
+    """``features.0`` for torch's exporter names like ``/features/features.0/Conv``."""
+    match = _EXPORTER_NAME.match(name)
+    return match.group(1) if match else name
+
+
+def _print_profile_table(frame: Any, title: str) -> None:
+    """The per-layer table of a run, compact enough for an 100-column terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name, justify in (("#", "right"), ("layer", "left"), ("op", "left"),
+                          ("backend", "left"), ("σ_max", "right"), ("σ_min", "right"),
+                          ("n", "right"), ("bounds on σ_max", "right"), ("time", "right"),
+                          ("why", "left")):
+        table.add_column(name, justify=justify,  # type: ignore[arg-type]
+                         no_wrap=name not in ("layer", "op", "why"), overflow="fold")
+    for row in frame.itertuples(index=False):
+        ok = row.status in ("ok", "reused")
+        bounds = ("" if math.isnan(row.lower_bound) and math.isnan(row.upper_bound)
+                  else f"[{row.lower_bound:.4g}, {row.upper_bound:.4g}]")
+        backend = row.backend if row.status == "ok" else f"{row.backend} ({row.status})"
+        table.add_row(
+            str(row.index), short_name(row.layer), row.shape,
+            backend if ok else f"[red]{backend}[/]",
+            f"{row.sigma_max:.4g}" if ok else "", f"{row.sigma_min:.4g}" if ok else "",
+            str(row.n_values) if ok else "", bounds,
+            f"{row.seconds:.2f} s" if row.status == "ok" else "", row.reason)
+    Console(width=max(120, Console().width)).print(table)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--backends", default="exact,fft-circulant,toeplitz", show_default=True,
+              help="Backends to compare, separated by commas; 'exact' is the reference.")
+@DB_OPTION
+@click.option("--boundary", type=click.Choice(["zeros", "circular"]), default="zeros",
+              show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), help="Compare only the K largest values.")
+@click.option("--max-dense", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--force", is_flag=True, help="Recompute spectra already in the database.")
+@_model_options
+@click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
+def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int | None,
+            max_dense: int, force: bool, input_shape: str | None, model_format: str | None,
+            model_class: str | None, output_format: str) -> None:
+    """Run several backends on the layers of MODEL; errors are against the exact backend."""
+    from specprof.engine import api
+    from specprof.engine.compare import compare_backends
+    from specprof.engine.plugins import Registry
+    from specprof.engine.profile import ProfileConfig, validate_backends
+    from specprof.engine.store import Store
+
+    registry = Registry.from_manager()
+    config = ProfileConfig(backends=tuple(b.strip() for b in backends.split(",")),
+                           boundary=boundary, top_k=top_k,  # type: ignore[arg-type]
+                           max_dense=max_dense, force=force)
+    validate_backends(config.backends, registry)
+    loaded = api.load_model(model, format=model_format, input_shape=input_shape,
+                            model_class=model_class, registry=registry)
+    with Store.open(db) as store:
+        frame = compare_backends(loaded, config, store, registry)
+    if output_format != "table":
+        emit(frame, output_format)
+        return
+    _print_compare_table(frame, f"{loaded.name}: backends against exact ({boundary} boundary)")
+
+
+def _print_compare_table(frame: Any, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in ("#", "layer", "backend", "σ_max", "rel. error", "all values", "bounds",
+                 "brackets", "time"):
+        table.add_column(name, justify="left" if name in ("layer", "backend") else "right",
+                         overflow="fold")
+    asked, previous = frame.attrs.get("boundary"), None
+    for row in frame.itertuples(index=False):
+        backend = row.backend
+        if row.boundary is not None and row.boundary != asked:
+            backend += f" ({row.boundary})"
+        if row.status not in ("ok", "reused"):
+            backend += f" ({row.status})"
+        bounds = ("" if _missing(row.lower_bound) and _missing(row.upper_bound)
+                  else f"[{_number(row.lower_bound, '.4g')}, {_number(row.upper_bound, '.4g')}]")
+        brackets = "" if _missing(row.brackets) else ("yes" if row.brackets else "[red]NO[/]")
+        first = row.index != previous
+        seconds = "" if _missing(row.seconds) else f"{row.seconds:.3f} s"
+        table.add_row(str(row.index) if first else "", short_name(row.layer) if first else "",
+                      backend, _number(row.sigma_max, ".6g"), _number(row.rel_error, ".2%"),
+                      _number(row.spectrum_error, ".2%"), bounds, brackets, seconds)
+        previous = row.index
+    Console(width=max(120, Console().width)).print(table)
+    _console().print("rel. error: |σ_max - exact| / exact;  all values: mean |σ_i - exact_i| / "
+                     "exact σ_max;  (circular): the backend answers the periodic operator only",
+                     highlight=False)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _number(value: Any, fmt: str) -> str:
+    return "" if _missing(value) else format(value, fmt)
 
 
 def _warn(warnings: tuple[str, ...], quiet: bool) -> None:

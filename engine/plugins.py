@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "specprof.plugins.backends.fft_circulant",
     "specprof.plugins.backends.toeplitz",
     "specprof.plugins.backends.selection",
+    "specprof.plugins.analyzers.spectral",
     "specprof.plugins.analyzers.hypergraph",
 )
 DISABLE_ENV = "SPECPROF_DISABLED_PLUGINS"

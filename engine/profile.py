@@ -189,7 +189,7 @@ def _profile_layer(layer: Layer, layer_id: int, name: str, request: Request,
             store.add_spectrum(run_id, layer_id, stored)
             registry.pm.hook.specprof_layer_done(run_id=run_id, layer=layer, spectrum=stored,
                                                  reused=True)
-            return LayerOutcome(layer, label, "reused", stored, "same layer already in the store")
+            return LayerOutcome(layer, label, "reused", stored, "already stored")
     try:
         spectrum = _compute(backend, layer, request)
     except (SpecprofError, ArithmeticError, ValueError, MemoryError) as error:

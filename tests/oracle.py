@@ -26,7 +26,7 @@ def conv_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride=1, p
     ``circular`` treats the input as periodic: the output is the full periodic correlation on
     the n-grid (ceil(n/stride) outputs per dimension), built by tiling the input.
     """
-    w = torch.as_tensor(weight, dtype=torch.float64)
+    w = torch.tensor(np.asarray(weight, dtype=np.float64))
     d = w.ndim - 2
     x = _basis(input_shape)
     if circular:
@@ -49,7 +49,7 @@ def conv_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride=1, p
 def conv_transpose_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride=1,
                           padding=0, output_padding=0, dilation=1, groups=1) -> np.ndarray:
     """Dense matrix of torch's conv_transpose{1,2,3}d on one input of ``input_shape``."""
-    w = torch.as_tensor(weight, dtype=torch.float64)
+    w = torch.tensor(np.asarray(weight, dtype=np.float64))
     d = w.ndim - 2
     x = _basis(input_shape)
     y = _CONV_T[d](x, w, stride=stride, padding=padding, output_padding=output_padding,

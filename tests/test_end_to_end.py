@@ -143,7 +143,7 @@ def populated(tmp_path: Path) -> str:
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
     good = _onnx_model("initializer").SerializeToString()
     files = {"text.onnx": b"this is not a model\n", "truncated.onnx": good[: len(good) // 2],
-             "model.xyz": good, "weights.pt": b"PK\x03\x04 not really a torch file"}
+             "model.xyz": b"\x00\x01 unknown binary content", "weights.pt": b"PK\x03\x04 not really a torch file"}
     paths = {}
     for name, content in files.items():
         paths[name] = tmp_path / name

@@ -46,22 +46,21 @@ def _padding_free_pointwise(layer: Layer) -> bool:
 def preference(layer: Layer, request: Request) -> tuple[list[str], str]:
     """Backend names in order of preference for this layer, and why that order."""
     if not layer.is_conv:
-        return ["exact"], "matrix layer: dense SVD of the weight"
+        return ["exact"], "matrix: SVD of the weight"
     if request.boundary == "circular":
-        return ["fft-circulant", "exact"], "circular boundary: per-frequency SVD is exact"
+        return ["fft-circulant", "exact"], "circular: exact per frequency"
     if request.top_k is not None:
-        return ["exact"], f"top-{request.top_k}: matrix-free exact values"
+        return ["exact"], f"top-{request.top_k}: matrix-free, exact"
     if _padding_free_pointwise(layer):
-        return ["fft-circulant", "exact"], "1x1 without padding: circular spectrum is exact"
+        return ["fft-circulant", "exact"], "1x1, no padding: circular is exact"
     try:
         flops = dense_svd_flops(layer, request)
     except SpecprofError:
         return ["exact", "toeplitz"], ""
     if flops <= DENSE_FLOP_BUDGET:
-        return ["exact", "toeplitz"], f"dense SVD is cheap (~{flops:.1g} flops)"
-    return (["toeplitz", "exact"],
-            f"dense SVD would cost ~{flops:.1g} flops: Toeplitz approximation with certified "
-            "bounds (--backend exact to force, --top-k K for exact top values)")
+        return ["exact", "toeplitz"], "small: dense SVD"
+    # Too slow for a default: --backend exact forces it, --top-k K gives exact top values.
+    return ["toeplitz", "exact"], "large: approximation, certified bounds"
 
 
 def select_backend(layer: Layer, request: Request,
