@@ -210,23 +210,32 @@ def symbol_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
 
     ``kernels`` is (groups, c_out/g, c_in/g, k_1, ..., k_d) as from ``conv_form``; F is the
     half grid of the (n/s) grid (full along all axes but the last).
+
+    All symbols come from one matrix product: the phase tensor, with rows (frequency, phase)
+    and columns the kernel taps, times the flattened kernels. Its rows are ordered so that,
+    for stride 1 and one group, the product already has the batched layout (no transpose of
+    the large result).
     """
     ops = ops or _NumpyOps(1)
     real, cplx = (np.float32, np.complex64) if precision == "float32" else (np.float64, np.complex128)
     d = len(grid)
     g, c_out, c_in = kernels.shape[:3]
-    x = ops.asarray(np.asarray(kernels, dtype=real))
-    freq_shape = []
-    for j in range(d):
-        phases = phase_matrix(kernels.shape[3 + j], grid[j], strides[j], dilations[j],
-                              half=(j == d - 1), dtype=cplx)
-        freq_shape.append(phases.shape[2])
-        # Contract the next kernel axis (always axis 3: earlier ones are gone, new axes go last).
-        x = ops.tensordot(x, ops.asarray(phases), axes=([3], [0]))
-    # x: (g, c_out, c_in, s_1, F_1, ..., s_d, F_d) -> (g, F_1..F_d, c_out, c_in, s_1..s_d)
-    order = (0, *[4 + 2 * j for j in range(d)], 1, 2, *[3 + 2 * j for j in range(d)])
-    x = ops.permute(x, order)
-    return x.reshape(g * math.prod(freq_shape), c_out, c_in * math.prod(strides))
+    phases = np.ones((), dtype=cplx)
+    for j in range(d):  # outer product: axes (k_1, s_1, F_1, k_2, s_2, F_2, ...)
+        phases = np.multiply.outer(phases, phase_matrix(
+            kernels.shape[3 + j], grid[j], strides[j], dilations[j], half=(j == d - 1),
+            dtype=cplx))
+    n_freq = math.prod(phases.shape[2::3])
+    n_phase = math.prod(strides)
+    rows = [*range(2, 3 * d, 3), *range(1, 3 * d, 3), *range(0, 3 * d, 3)]  # (F..., s..., k...)
+    phases = np.ascontiguousarray(phases.transpose(rows)).reshape(n_freq * n_phase, -1)
+    weights = np.asarray(kernels, dtype=real).reshape(g * c_out * c_in, -1).astype(cplx)
+    x = ops.tensordot(ops.asarray(phases), ops.asarray(weights), axes=([1], [1]))
+    if g == 1 and n_phase == 1:
+        return x.reshape(n_freq, c_out, c_in)
+    # (F, s, g, c_out, c_in) -> (g, F, c_out, c_in, s)
+    x = ops.permute(x.reshape(n_freq, n_phase, g, c_out, c_in), (2, 0, 3, 4, 1))
+    return x.reshape(g * n_freq, c_out, c_in * n_phase)
 
 
 def _batched_values(stack: Any, method: Method, ops: Any) -> np.ndarray:
