@@ -65,7 +65,7 @@ def emit(frame: Any, fmt: str, title: str = "", columns: list[str] | None = None
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, list):
         return f"[{len(value)} values]"
     return "" if value is None else str(value)
@@ -80,9 +80,13 @@ def _print_table(frame: Any, title: str) -> None:
         numeric = frame[column].dtype.kind in "fiu"
         table.add_column(str(column), justify="right" if numeric else "left",
                          overflow="fold")
+    layer_column = list(frame.columns).index("layer") if "layer" in frame.columns else -1
     for row in frame.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
-    Console(width=max(100, Console().width)).print(table)
+        cells = [_cell(v) for v in row]
+        if layer_column >= 0:
+            cells[layer_column] = short_name(cells[layer_column])
+        table.add_row(*cells)
+    Console(width=max(120, Console().width)).print(table)
 
 
 @click.group(cls=SpecprofGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,8 +215,12 @@ def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int
     validate_backends(config.backends, registry)
     loaded = api.load_model(model, format=model_format, input_shape=input_shape,
                             model_class=model_class, registry=registry)
-    with Store.open(db) as store:
-        frame = compare_backends(loaded, config, store, registry)
+    from specprof.engine.progress import layer_progress
+
+    n_tasks = len(loaded.layers) * len(config.backends)
+    with Store.open(db) as store, layer_progress(n_tasks, f"comparing on {loaded.name}",
+                                                 output_format != "table") as tick:
+        frame = compare_backends(loaded, config, store, registry, on_layer=tick)
     if output_format != "table":
         emit(frame, output_format)
         return

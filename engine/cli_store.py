@@ -87,7 +87,7 @@ def runs(db: str | None, model: str | None, fmt: str) -> None:
         frame = store.runs()
     for column in ("started", "finished"):  # emit's JSON takes text, not timestamps
         frame[column] = [None if value is None or value != value else value.isoformat(
-            timespec="seconds") for value in frame[column]]
+            sep=" ", timespec="seconds") for value in frame[column]]
     if model is not None:
         import fnmatch
 

@@ -10,6 +10,7 @@ is: the boundary effect.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -31,9 +32,10 @@ def _fallback_boundary(config: ProfileConfig) -> str:
 
 
 def compare_backends(model: LoadedModel, config: ProfileConfig, store: Store,
-                     registry: Registry) -> pd.DataFrame:
+                     registry: Registry,
+                     on_layer: Callable[[LayerOutcome], None] | None = None) -> pd.DataFrame:
     """Run ``config.backends`` on every layer and return one row per (layer, backend)."""
-    result = profile_model(model, config, store, registry)
+    result = profile_model(model, config, store, registry, on_layer=on_layer)
     outcomes = {(o.layer.index, o.backend): (o, result.run_id, config.boundary)
                 for o in result.outcomes}
     refused = sorted({o.backend for o in result.outcomes if o.status == "skipped"},
@@ -41,7 +43,7 @@ def compare_backends(model: LoadedModel, config: ProfileConfig, store: Store,
     if refused and config.top_k is None:
         other = replace(config, backends=tuple(refused),
                         boundary=_fallback_boundary(config))  # type: ignore[arg-type]
-        second = profile_model(model, other, store, registry)
+        second = profile_model(model, other, store, registry, on_layer=on_layer)
         for o in second.outcomes:
             key = (o.layer.index, o.backend)
             if outcomes[key][0].status == "skipped" and o.status != "skipped":

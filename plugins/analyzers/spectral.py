@@ -44,9 +44,8 @@ COLUMNS = [
     "rand_n_spikes", "rand_spectral_norm", "notes",
 ]
 INT_COLUMNS = ("n_spikes", "pl_n_tail", "rand_n_spikes")
-TABLE_COLUMNS = ["layer", "kind", "backend", "n_values", "alpha", "alpha_hat", "pl_ks",
-                 "n_spikes", "mp_ks", "stable_rank", "spectral_norm", "lipschitz_bound",
-                 "rand_alpha", "rand_n_spikes"]
+TABLE_COLUMNS = ["layer", "backend", "n_values", "alpha", "alpha_hat", "n_spikes", "mp_ks",
+                 "stable_rank", "spectral_norm", "lipschitz_bound", "rand_alpha"]
 
 
 # --- what a layer's matrix is --------------------------------------------------------------------
