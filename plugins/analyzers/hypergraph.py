@@ -26,6 +26,7 @@ import fnmatch
 import itertools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -486,6 +487,12 @@ def run_hypergraph(model: Any, data: Any, *, db: str | None = None,
     registry = registry or Registry.from_manager()
     loaded = api.load_model(model, input_shape=input_shape, registry=registry)
     chosen = select_layers(loaded.layers, layers)
+    if isinstance(data, str | os.PathLike):
+        # Check a data file before anything is computed or stored for it.
+        from specprof.plugins.analyzers.activations import model_input
+        from specprof.plugins.analyzers.datasets import open_data
+
+        open_data(data, model_input(loaded.proto).sample_shape, batch_size)
     with Store.open(db) as store:
         run_id = ensure_filter_run(store, loaded, chosen, registry, _say(quiet))
         return analyze_run(store, run_id, loaded, data, layers=[x.name for x in chosen],
