@@ -44,13 +44,19 @@ def _shape(input_shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
 
 def load_model(source: str | os.PathLike[str] | Any, *, format: str | None = None,
                input_shape: str | Sequence[int] | None = None, model_class: str | None = None,
-               name: str | None = None, registry: Registry | None = None) -> LoadedModel:
-    """Import a model (file path or framework object) and extract its linear layers."""
+               name: str | None = None, registry: Registry | None = None,
+               fold_batchnorm: bool = False, skip_unsupported: bool = False) -> LoadedModel:
+    """Import a model (file path or framework object) and extract its linear layers.
+
+    ``fold_batchnorm``: fold a BatchNormalization after a Conv/ConvTranspose/Gemm into it.
+    ``skip_unsupported``: go on with the layers that can be extracted where part fails.
+    """
     if isinstance(source, LoadedModel):
         return source
     return _load_model(source, format=format, input_shape=_shape(input_shape),
                        model_class=model_class, registry=registry or Registry.from_manager(),
-                       name=name)
+                       name=name, fold_batchnorm=fold_batchnorm,
+                       skip_unsupported=skip_unsupported)
 
 
 def _bound(value: float | None) -> float:
@@ -88,13 +94,15 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
             boundary: Boundary = "zeros", device: str = "cpu", top_k: int | None = None,
             precision: str = "float64", max_dense: int = 4096, force: bool = False,
             resume: bool = False, format: str | None = None, model_class: str | None = None, name: str | None = None,
-            on_layer: Callable[[LayerOutcome], None] | None = None) -> pd.DataFrame:
+            on_layer: Callable[[LayerOutcome], None] | None = None,
+            fold_batchnorm: bool = False, skip_unsupported: bool = False) -> pd.DataFrame:
     """Profile every linear layer of ``model`` and store the run; returns the per-layer table.
 
     ``backend`` is a name, a comma-separated list or a sequence of names (``auto`` picks per
     layer). The run's id is in ``frame.attrs["run_id"]``. Spectra already stored for the same
     layer content, backend and parameters are reused unless ``force``; ``resume`` continues the
     last interrupted run of this model and configuration instead of starting a new one.
+    ``fold_batchnorm`` and ``skip_unsupported`` are passed to ``load_model``.
     """
     names = tuple(b.strip() for b in backend.split(",")) if isinstance(backend, str) else tuple(backend)
     config = ProfileConfig(backends=names, boundary=boundary, device=device, top_k=top_k,
@@ -102,7 +110,8 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
                            max_dense=max_dense, force=force, resume=resume)
     registry = Registry.from_manager()
     loaded = load_model(model, format=format, input_shape=input_shape, model_class=model_class,
-                        name=name, registry=registry)
+                        name=name, registry=registry, fold_batchnorm=fold_batchnorm,
+                        skip_unsupported=skip_unsupported)
     validate_backends(config.backends, registry)
     with Store.open(db) as store:
         result = profile_model(loaded, config, store, registry, on_layer=on_layer)

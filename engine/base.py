@@ -54,6 +54,9 @@ class ImportOptions:
     input_shape: tuple[int, ...] | None = None
     model_class: str | None = None
     """``package.module:Class`` to rebuild a model whose file holds only a state_dict."""
+    skip_unsupported: bool = False
+    """Go on with what can be converted where a layer or op cannot (the user's
+    ``--skip-unsupported``); importers that cannot convert part of a model say so otherwise."""
 
 
 class Importer(_Plugin, ABC):

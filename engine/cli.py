@@ -96,6 +96,12 @@ def cli() -> None:
 
 
 def _model_options(func: Any) -> Any:
+    func = click.option("--skip-unsupported", is_flag=True,
+                        help="Go on with the layers that can be extracted where a node or "
+                             "a normalization step fails.")(func)
+    func = click.option("--fold-batchnorm", is_flag=True,
+                        help="Fold a BatchNormalization after a Conv/ConvTranspose/Gemm into "
+                             "its weight (default: the layer as the model computes it).")(func)
     func = click.option("--model-class", metavar="MODULE:CLASS",
                         help="Class to rebuild a PyTorch state_dict file, e.g. mypkg.nets:ResNet.")(func)
     func = click.option("--format", "model_format", metavar="NAME",
@@ -129,13 +135,15 @@ def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int 
             device: str, precision: str, max_dense: int, force: bool, resume: bool,
             name: str | None,
             input_shape: str | None, model_format: str | None, model_class: str | None,
-            output_format: str, quiet: bool) -> None:
+            output_format: str, quiet: bool, fold_batchnorm: bool = False,
+            skip_unsupported: bool = False) -> None:
     """Compute the spectra of every linear layer of MODEL and store the run."""
     from specprof.engine import api
     from specprof.engine.progress import layer_progress
 
     loaded = api.load_model(model, format=model_format, input_shape=input_shape,
-                            model_class=model_class, name=name)
+                            model_class=model_class, name=name, fold_batchnorm=fold_batchnorm,
+                            skip_unsupported=skip_unsupported)
     n_tasks = len(loaded.layers) * len(backend.split(","))
     with layer_progress(n_tasks, f"profiling {loaded.name}", quiet or output_format != "table") as tick:
         frame = api.profile(loaded, backend=backend, db=db, boundary=boundary,  # type: ignore[arg-type]
@@ -200,7 +208,8 @@ def _print_profile_table(frame: Any, title: str) -> None:
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int | None,
             max_dense: int, force: bool, input_shape: str | None, model_format: str | None,
-            model_class: str | None, output_format: str) -> None:
+            model_class: str | None, output_format: str, fold_batchnorm: bool = False,
+            skip_unsupported: bool = False) -> None:
     """Run several backends on the layers of MODEL; errors are against the exact backend."""
     from specprof.engine import api
     from specprof.engine.compare import compare_backends
@@ -214,7 +223,8 @@ def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int
                            max_dense=max_dense, force=force)
     validate_backends(config.backends, registry)
     loaded = api.load_model(model, format=model_format, input_shape=input_shape,
-                            model_class=model_class, registry=registry)
+                            model_class=model_class, registry=registry,
+                            fold_batchnorm=fold_batchnorm, skip_unsupported=skip_unsupported)
     from specprof.engine.progress import layer_progress
 
     n_tasks = len(loaded.layers) * len(config.backends)
@@ -277,18 +287,20 @@ def _warn(warnings: tuple[str, ...], quiet: bool) -> None:
 @_model_options
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 def layers(model: str, input_shape: str | None, model_format: str | None,
-           model_class: str | None, output_format: str) -> None:
+           model_class: str | None, output_format: str, fold_batchnorm: bool = False,
+           skip_unsupported: bool = False) -> None:
     """List the linear layers of MODEL, and the nodes skipped with the reason."""
     import pandas as pd
 
     from specprof.engine import api
 
     loaded = api.load_model(model, format=model_format, input_shape=input_shape,
-                            model_class=model_class)
+                            model_class=model_class, fold_batchnorm=fold_batchnorm,
+                            skip_unsupported=skip_unsupported)
     rows = [{"index": layer.index, "layer": layer.name, "op_type": layer.op_type,
              "shape": layer.describe(), "weight": "x".join(map(str, layer.weight.shape)),
              "input": "x".join(map(str, layer.input_shape or ())) or "unknown",
-             "status": "profiled", "reason": ""} for layer in loaded.layers]
+             "status": "profiled", "reason": layer.note} for layer in loaded.layers]
     rows += [{"index": None, "layer": node.name, "op_type": node.op_type, "shape": "",
               "weight": "", "input": "", "status": "skipped", "reason": node.reason}
              for node in loaded.skipped]

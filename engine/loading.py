@@ -6,6 +6,7 @@ This is the single entry of the import stage for the CLI and the Python API alik
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import re
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ import onnx
 
 from specprof.engine.base import Importer, ImportOptions
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
-from specprof.engine.extract import extract_layers
-from specprof.engine.normalize import default_opset, normalize
+from specprof.engine.extract import extract
+from specprof.engine.normalize import default_opset, has_external_data, normalize
 from specprof.engine.plugins import Registry
 from specprof.engine.types import LoadedModel
 
@@ -117,14 +118,22 @@ def load_model(
     model_class: str | None = None,
     registry: Registry | None = None,
     name: str | None = None,
+    fold_batchnorm: bool = False,
+    skip_unsupported: bool = False,
 ) -> LoadedModel:
     """Import ``source`` (a file path or a model object), normalize it and extract its layers.
 
     ``input_shape`` is one sample's shape without the batch, (C, H, W) or (features,): it
     fixes a dynamic model input, and framework models need it to be exported at all.
+    ``fold_batchnorm`` folds a BatchNormalization that follows a Conv/ConvTranspose/Gemm into
+    its weight and bias (off by default: the layer as the model computes it is the unfolded
+    one). ``skip_unsupported`` goes on with the layers that can be extracted where a node or a
+    normalization step fails, listing what was lost among the warnings.
     """
     registry = _registry(registry)
-    options = ImportOptions(input_shape=input_shape, model_class=model_class)
+    model_path: Path | None = None
+    options = ImportOptions(input_shape=input_shape, model_class=model_class,
+                            skip_unsupported=skip_unsupported)
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         if not path.exists():
@@ -132,6 +141,7 @@ def load_model(
         importer = choose_importer(path, registry, format)
         proto = importer.load(path, options)
         display_name, source_text = name or path.stem, str(path)
+        model_path = path
     else:
         if format is not None and format not in registry.importers:
             raise ModelLoadError(f"unknown model format '{format}'",
@@ -140,8 +150,19 @@ def load_model(
                     else choose_object_importer(source, registry))
         proto = importer.load(source, options)
         display_name, source_text = name or _object_name(source), f"<{type(source).__name__}>"
-    normalized, warnings = normalize(proto, input_shape)
-    layers, skipped = extract_layers(normalized)
+    on_disk = model_path is not None and has_external_data(proto)
+    normalized, warnings = normalize(proto, input_shape, path=model_path if on_disk else None,
+                                     skip_unsupported=skip_unsupported)
+    extraction = extract(normalized, fold_batchnorm=fold_batchnorm,
+                         skip_unsupported=skip_unsupported,
+                         base_dir=str(model_path.parent) if on_disk and model_path else "")
+    layers = [replace(layer, note="; ".join(extraction.notes[layer.name]))
+              if extraction.notes.get(layer.name) else layer for layer in extraction.layers]
+    skipped = list(extraction.skipped)
+    warnings += [*extraction.warnings, *extraction.note_warnings()]
+    if on_disk:
+        warnings.append("the model's data is over 2 GB and stays in its external files: "
+                        "weights were read from disk one by one")
     if input_shape is None:
         unknown = [layer.name for layer in layers if layer.is_conv and layer.input_shape is None]
         if unknown:

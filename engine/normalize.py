@@ -7,8 +7,10 @@ the input size of every layer from its inferred ``value_info``.
 
 from __future__ import annotations
 
+import os
+
 import onnx
-from onnx import shape_inference, version_converter
+from onnx import external_data_helper, shape_inference, version_converter
 
 from specprof.engine.errors import InputShapeError, ModelLoadError
 
@@ -17,6 +19,10 @@ from specprof.engine.errors import InputShapeError, ModelLoadError
 # extract changed meaning across opsets (Conv/ConvTranspose/Gemm/MatMul attributes are stable
 # since opset 11), so one fixed target mainly gives shape inference a single set of rules.
 TARGET_OPSET = 18
+
+# Protobuf refuses to serialize one message over 2 GiB; the checker, shape inference and the
+# version converter all serialize the model, so a bigger model must keep its data outside.
+PROTOBUF_LIMIT = 2**31 - 1
 
 _SHAPE_HINT = "pass --input-shape C,H,W (or FEATURES) that the model accepts"
 
@@ -29,16 +35,41 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """Run ``onnx.checker`` and turn its complaint into a one-line ``ModelLoadError``."""
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True if some tensor of ``model`` still lives in an external file (not loaded)."""
+    return any(external_data_helper.uses_external_data(tensor)
+               for tensor in external_data_helper._get_all_tensors(model))
+
+
+def check_model(model: onnx.ModelProto, *, path: str | os.PathLike[str] | None = None,
+                skip_unsupported: bool = False) -> list[str]:
+    """Run ``onnx.checker`` and turn its complaint into a one-line ``ModelLoadError``.
+
+    A model whose data stays in external files is checked from its ``path`` (the checker then
+    finds the data files next to it, and the proto never has to hold the data). With
+    ``skip_unsupported`` a rejection is a warning and the caller goes on.
+    """
     try:
-        onnx.checker.check_model(model)
+        if path is not None and has_external_data(model):
+            onnx.checker.check_model(os.fspath(path))
+        elif model.ByteSize() > PROTOBUF_LIMIT:
+            raise ModelLoadError(
+                "the ONNX model object is over 2 GB, more than one protobuf message can hold",
+                "save it with onnx.save_model(model, path, save_as_external_data=True) and "
+                "profile the file",
+            )
+        else:
+            onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if skip_unsupported:
+            return [f"onnx.checker rejected the model ({first}); going on (--skip-unsupported)"]
         raise ModelLoadError(
             f"the ONNX model is invalid ({first})",
-            "re-export the model, or check it with python -m onnx.checker",
+            "re-export the model, check it with python -m onnx.checker, or pass "
+            "--skip-unsupported to profile the layers that can be extracted",
         ) from error
+    return []
 
 
 def convert_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> tuple[onnx.ModelProto, list[str]]:
@@ -118,30 +149,42 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = True) -> onnx.ModelPr
 
 
 def normalize(
-    model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None
+    model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, *,
+    path: str | os.PathLike[str] | None = None, skip_unsupported: bool = False,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Check, convert to ``TARGET_OPSET``, apply ``input_shape`` and infer shapes.
 
     Returns the normalized model (a new object; ``model`` is not modified) and warnings.
-    Raises ``ModelLoadError`` for an invalid model and ``InputShapeError`` for an input shape
-    the model cannot take.
+    Raises ``ModelLoadError`` for an invalid model (a warning instead with
+    ``skip_unsupported``) and ``InputShapeError`` for an input shape the model cannot take.
+    ``path`` is the file ``model`` was read from; it is needed when the model's data was left
+    in external files (over 2 GB): every step then works on the small proto without the data.
     """
-    check_model(model)
-    model, warnings = convert_opset(model)
+    rejected = check_model(model, path=path, skip_unsupported=skip_unsupported)
+    model, converted = convert_opset(model)
+    warnings = rejected + converted
     if input_shape is not None:
         model = set_input_shape(model, tuple(int(d) for d in input_shape))
+    strict = not rejected  # a model the checker rejected gets the lenient inference at once
     try:
-        return infer_shapes(model), warnings
+        return infer_shapes(model, strict=strict), warnings
     except Exception as error:  # onnx raises InferenceError, or RuntimeError from C++
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if input_shape is not None:
+        if input_shape is not None and not skip_unsupported:
             raise InputShapeError(
                 f"the model cannot take input shape {_text(input_shape)} ({reason})", _SHAPE_HINT
             ) from error
         # Without a user shape a strict failure is often an op inference does not know (a
         # custom domain); the non-strict pass still gives every shape it can.
         warnings.append(f"shape inference was incomplete ({reason})")
-        return infer_shapes(model, strict=False), warnings
+        try:
+            return infer_shapes(model, strict=False), warnings
+        except Exception as again:
+            if not skip_unsupported:
+                raise ModelLoadError(f"shape inference failed ({reason})",
+                                     "pass --skip-unsupported to go on without shapes") from again
+            warnings.append("going on without inferred shapes (--skip-unsupported)")
+            return model, warnings
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

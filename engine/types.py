@@ -67,6 +67,9 @@ class Layer:
     output_shape: tuple[int, ...] | None = None
     index: int = 0
     node_name: str = ""
+    note: str = ""
+    """How the layer was read when that matters: dequantized, fused QKV, folded BatchNorm.
+    Not part of ``content_hash``: it describes the source, not the map."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", _frozen(np.asarray(self.weight)))

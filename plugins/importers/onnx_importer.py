@@ -3,6 +3,10 @@
 External data files are read only from inside the model's own folder: a model file is
 untrusted input, and a tensor location such as ``../../etc/passwd`` or ``/home/x/.ssh/key``
 must not make specprof read files elsewhere.
+
+A model whose file and data together exceed ``MAX_IN_MEMORY_BYTES`` (just under protobuf's
+2 GB limit) is returned with its data left in the external files: normalization checks it
+from its path and extraction reads each weight from disk once, when a layer needs it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from specprof.engine.errors import ModelLoadError
 # followed by producer_name/version, domain, model_version, doc_string, graph, opset_import...
 _IR_VERSION_TAG = 0x08
 _NEXT_FIELD_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0x7A})
+# Below protobuf's 2 GiB message limit, with room for the graph and value_info added later.
+MAX_IN_MEMORY_BYTES = 2**31 - 2**26
 _HINT = "check that the file is a complete ONNX model (re-export or re-download it)"
 
 
@@ -30,6 +36,13 @@ def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers and attribute tensors of the model and all its subgraphs."""
     # onnx has no public walker; this private helper is the one load_external_data uses.
     return list(external_data_helper._get_all_tensors(model))
+
+
+def external_data_bytes(model: onnx.ModelProto, folder: Path) -> int:
+    """Size of the external data files ``model`` refers to (each file counted once)."""
+    files = {external_data_helper.ExternalDataInfo(tensor).location
+             for tensor in _all_tensors(model) if external_data_helper.uses_external_data(tensor)}
+    return sum((folder / location).stat().st_size for location in files)
 
 
 def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
@@ -99,6 +112,8 @@ class OnnxImporter(Importer):
         if not model.HasField("graph") or model.ir_version <= 0:
             raise ModelLoadError(f"{path} is not a valid ONNX model (no graph or IR version)", _HINT)
         check_external_locations(model, path.parent)
+        if model.ByteSize() + external_data_bytes(model, path.parent) > MAX_IN_MEMORY_BYTES:
+            return model  # too big for one protobuf message: the data stays on disk
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError) as error:
