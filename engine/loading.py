@@ -6,8 +6,8 @@ This is the single entry of the import stage for the CLI and the Python API alik
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -449,7 +449,10 @@ class Store:
                 try:
                     self._insert_model(model, sha256)
                 except IntegrityError:
-                    pass  # another process stored the same model first: use theirs
+                    # Another process stored the same model first: use theirs. Any other
+                    # integrity problem leaves no model behind and is raised.
+                    if self._model_id(sha256) is None:
+                        raise
             return self._model_and_layer_ids(sha256)
 
     def _model_id(self, sha256: str) -> int | None:

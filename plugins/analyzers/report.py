@@ -73,13 +73,10 @@ def _text(value: Any) -> str:
         return ""
     if isinstance(value, float | np.floating):
         return "" if not math.isfinite(float(value)) else f"{float(value):.6g}"
-    try:
-        import pandas as pd
+    import pandas as pd
 
-        if pd.isna(value):
-            return ""
-    except (TypeError, ValueError):
-        pass  # lists, dicts: not scalars, so not missing
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return ""
     return html.escape(str(value))
 
 
