@@ -35,11 +35,11 @@ def conv_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride=1, p
         st = (stride,) * d if isinstance(stride, int) else tuple(stride)
         # Output o reads input (o*s + k*dil) mod n: tile the input often enough that the last
         # output's last tap still lands inside the tiled copy (kernels may exceed n).
-        span = [dl * (k - 1) for dl, k in zip(dil, w.shape[2:])]
-        repeats = [-(-(n + sp) // n) for n, sp in zip(spatial, span)]
+        span = [dl * (k - 1) for dl, k in zip(dil, w.shape[2:], strict=False)]
+        repeats = [-(-(n + sp) // n) for n, sp in zip(spatial, span, strict=False)]
         x = x.repeat(1, 1, *repeats)
         y = _CONV[d](x, w, stride=1, padding=0, dilation=dil, groups=groups)
-        index = tuple(slice(0, n, s) for n, s in zip(spatial, st))
+        index = tuple(slice(0, n, s) for n, s in zip(spatial, st, strict=False))
         y = y[(slice(None), slice(None), *index)]
     else:
         y = _CONV[d](x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)

@@ -28,7 +28,7 @@ def torch_oracle(layer: Layer, boundary: Boundary) -> np.ndarray:
         return conv_matrix(weight, layer.input_shape, padding=layer.pads[:d], **common)
     if boundary == "circular":
         # The adjoint of the circular conv (c_out -> c_in channels) on the n*s grid.
-        grid = tuple(n * s for n, s in zip(layer.input_shape[1:], layer.strides))
+        grid = tuple(n * s for n, s in zip(layer.input_shape[1:], layer.strides, strict=False))
         return conv_matrix(weight, (layer.out_channels, *grid), circular=True, **common).T
     return conv_transpose_matrix(weight, layer.input_shape, padding=layer.pads[:d],
                                  output_padding=layer.output_padding, **common)
