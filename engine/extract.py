@@ -109,8 +109,10 @@ def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray |
         return inputs[0].astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
     if node.op_type == "Transpose" and inputs and inputs[0] is not None:
         return np.transpose(inputs[0], attrs.get("perm"))
-    if node.op_type == "Reshape" and len(inputs) >= 2 and all(v is not None for v in inputs[:2]):
-        return _reshape(inputs[0], inputs[1], attrs.get("allowzero", 0))
+    if node.op_type == "Reshape" and len(inputs) >= 2:
+        data, shape = inputs[0], inputs[1]
+        if data is not None and shape is not None:
+            return _reshape(data, shape, attrs.get("allowzero", 0))
     if node.op_type == "DequantizeLinear" and len(inputs) >= 2 and inputs[0] is not None and inputs[1] is not None:
         zero = inputs[2] if len(inputs) > 2 else None
         # Opset 21's blocked quantization (block_size) is not handled: refuse, do not guess.
@@ -322,7 +324,8 @@ def _conv_from_parts(node: onnx.NodeProto, ctx: _Context, op_type: str, weight: 
         pads = _conv_transpose_pads(attrs, spatial, kernel, strides, dilations, output_padding)
     # Computed from the layer's own parameters so that it always agrees with them: onnx's
     # shape inference gets ConvTranspose with auto_pad and output_padding wrong (onnx 1.23).
-    if input_shape is not None:
+    output_shape: tuple[int, ...] | None
+    if spatial is not None:
         output_shape = _conv_output_shape(op_type, weight, groups, spatial, pads, strides,
                                           dilations, output_padding)
     else:
@@ -421,6 +424,7 @@ def _gemm_layer(node: onnx.NodeProto, ctx: _Context, **common: Any) -> Layer:
         if c is not None and c.size == matrix.shape[0]:
             bias = beta * c.reshape(-1)
     else:  # columns of B are samples: x -> alpha A' x
+        assert a is not None  # exactly one operand is constant (checked above)
         matrix = alpha * (a.T if attrs.get("transA", 0) else a)
     return _matrix_layer("Gemm", matrix, bias, **common)
 

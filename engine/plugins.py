@@ -11,7 +11,7 @@ import importlib.metadata
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
@@ -109,8 +109,9 @@ class Registry:
                             f"which is not a {base.__name__} subclass",
                             f"fix the plugin or disable it with {DISABLE_ENV}={impl.plugin_name}",
                         )
-                    table.setdefault(plugin_class.name, plugin_class)
-                    registry.origins.setdefault(f"{base.__name__}:{plugin_class.name}", impl.plugin_name)
+                    name = cast(Any, plugin_class).name
+                    table.setdefault(name, plugin_class)
+                    registry.origins.setdefault(f"{base.__name__}:{name}", impl.plugin_name)
         return registry
 
     def backend(self, name: str) -> Backend:

@@ -876,7 +876,7 @@ class Store:
         _check_export_references(document)
         with self._guarded("write to"), self._write.begin() as session:
             model_id = self._import_model(session, document)
-            layer_ids = dict(session.execute(select(LayerRow.index, LayerRow.id)
+            layer_ids: dict[int, int] = dict(session.execute(select(LayerRow.index, LayerRow.id)
                                              .where(LayerRow.model_id == model_id)).all())
             run_fields = _from_json(RunRow, document["run"])
             if run_fields["status"] == "running":  # nobody is writing to the imported copy
@@ -977,6 +977,7 @@ def _sort_order(sort: str | None) -> list[Any]:
     column = {"run": SpectrumRow.run_id, "model": ModelRow.name, "layer": LayerRow.name,
               "layer_index": LayerRow.index, "spectrum_id": SpectrumRow.id}.get(
                   name, getattr(SpectrumRow, name, None))
+    assert column is not None  # the name was checked against SORT_COLUMNS above
     ordered = column.desc() if sort.strip().startswith("-") else column.asc()
     return [ordered.nulls_last()]
 
