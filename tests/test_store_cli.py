@@ -277,3 +277,17 @@ def test_connection_killed_mid_run_leaves_no_half_rows(postgres_url: str) -> Non
         assert isinstance(big, LoadedModel)
         model_id, layer_ids = store.add_model(big)  # the pool reconnects: the store goes on
         assert len(layer_ids) == 6 and model_id
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("url", "expected"), [
+    ("postgresql://nobody:secret@127.0.0.1:5432/test", 'role "nobody" does not exist'),
+    ("postgresql://postgres@127.0.0.1:5432/no_such_db", 'database "no_such_db" does not exist'),
+])
+def test_wrong_credentials_or_database_are_one_line_with_the_password_masked(
+        postgres_server: str, url: str, expected: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "specprof", "query", "--db", url],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert expected in result.stderr and "secret" not in result.stderr
