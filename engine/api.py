@@ -19,6 +19,7 @@ from specprof.engine.loading import parse_input_shape
 from specprof.engine.plugins import Registry
 from specprof.engine.profile import (
     AUTO,
+    BoundaryChoice,
     LayerOutcome,
     ProfileConfig,
     choose_backend,
@@ -26,7 +27,7 @@ from specprof.engine.profile import (
     validate_backends,
 )
 from specprof.engine.store import Store, load_spectrum
-from specprof.engine.types import Boundary, Layer, LoadedModel, Request, Spectrum
+from specprof.engine.types import Layer, LoadedModel, Spectrum
 
 __all__ = ["load_model", "load_spectrum", "profile", "query", "singular_values"]
 
@@ -91,7 +92,7 @@ def outcomes_frame(run_id: int, outcomes: Sequence[LayerOutcome]) -> pd.DataFram
 
 def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str] = AUTO,
             db: str | None = None, input_shape: str | Sequence[int] | None = None,
-            boundary: Boundary = "zeros", device: str = "cpu", top_k: int | None = None,
+            boundary: BoundaryChoice = "model", device: str = "cpu", top_k: int | None = None,
             precision: str = "float64", max_dense: int = 4096, force: bool = False,
             resume: bool = False, format: str | None = None, model_class: str | None = None, name: str | None = None,
             on_layer: Callable[[LayerOutcome], None] | None = None,
@@ -132,12 +133,16 @@ def query(*, db: str | None = None, model: str | None = None, layer: str | None 
                            values=values, where=where, sort=sort, limit=limit)
 
 
-def singular_values(layer: Layer, backend: str = AUTO, *, boundary: Boundary = "zeros",
+def singular_values(layer: Layer, backend: str = AUTO, *, boundary: BoundaryChoice = "model",
                     device: str = "cpu", top_k: int | None = None,
                     max_dense: int = 4096) -> Spectrum:
-    """Singular values of one layer, computed now and not stored."""
+    """Singular values of one layer, computed now and not stored.
+
+    ``boundary="model"`` uses the layer's own padding (``layer.padding_mode``).
+    """
     registry = Registry.from_manager()
-    request = Request(boundary=boundary, device=device, top_k=top_k, max_dense=max_dense)
+    config = ProfileConfig(boundary=boundary, device=device, top_k=top_k, max_dense=max_dense)
+    request = config.request(layer)
     chosen, reason = choose_backend(layer, request, backend, registry)
     if chosen is None:
         raise BackendError(f"layer {layer.name}: {reason}")

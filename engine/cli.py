@@ -116,8 +116,10 @@ def _model_options(func: Any) -> Any:
 @DB_OPTION
 @click.option("--backend", default="auto", show_default=True,
               help="Backend name, or several separated by commas; 'auto' picks per layer.")
-@click.option("--boundary", type=click.Choice(["zeros", "circular"]), default="zeros",
-              show_default=True, help="zeros: what the model computes; circular: periodic input.")
+@click.option("--boundary", type=click.Choice(["model", "zeros", "circular"]), default="model",
+              show_default=True,
+              help="model: each layer's own padding (zeros, or circular where the model wraps "
+                   "the input); zeros/circular: that boundary for every layer.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Only the K largest singular values.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64",
@@ -199,8 +201,8 @@ def _print_profile_table(frame: Any, title: str) -> None:
 @click.option("--backends", default="exact,fft-circulant,toeplitz", show_default=True,
               help="Backends to compare, separated by commas; 'exact' is the reference.")
 @DB_OPTION
-@click.option("--boundary", type=click.Choice(["zeros", "circular"]), default="zeros",
-              show_default=True)
+@click.option("--boundary", type=click.Choice(["model", "zeros", "circular"]), default="model",
+              show_default=True, help="As for profile.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Compare only the K largest values.")
 @click.option("--max-dense", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--force", is_flag=True, help="Recompute spectra already in the database.")
@@ -234,7 +236,7 @@ def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int
     if output_format != "table":
         emit(frame, output_format)
         return
-    _print_compare_table(frame, f"{loaded.name}: backends against exact ({boundary} boundary)")
+    _print_compare_table(frame, f"{loaded.name}: backends against exact (boundary: {boundary})")
 
 
 def _print_compare_table(frame: Any, title: str) -> None:
@@ -246,11 +248,9 @@ def _print_compare_table(frame: Any, title: str) -> None:
                  "brackets", "time"):
         table.add_column(name, justify="left" if name in ("layer", "backend") else "right",
                          overflow="fold")
-    asked, previous = frame.attrs.get("boundary"), None
+    previous = None
     for row in frame.itertuples(index=False):
-        backend = row.backend
-        if row.boundary is not None and row.boundary != asked:
-            backend += f" ({row.boundary})"
+        backend = row.backend + (f" ({row.boundary})" if row.fallback else "")
         if row.status not in ("ok", "reused"):
             backend += f" ({row.status})"
         bounds = ("" if _missing(row.lower_bound) and _missing(row.upper_bound)

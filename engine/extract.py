@@ -315,10 +315,17 @@ def _conv_from_parts(node: onnx.NodeProto, ctx: _Context, op_type: str, weight: 
     groups = int(attrs.get("group", 1))
     input_shape = ctx.sample_shape(node.input[0])
     spatial = None if input_shape is None else input_shape[1:]
+    padding_mode: str = "zeros"
     if op_type == "Conv":
         output_padding: tuple[int, ...] = (0,) * dims
         pads = _conv_pads(attrs.get("auto_pad", "NOTSET"), attrs.get("pads", ()), spatial,
                           kernel, strides, dilations)
+        wrap = _circular_padding(node, ctx, pads, kernel, dilations)
+        if wrap is not None:
+            source, pads = wrap
+            padding_mode = "circular"
+            input_shape = ctx.sample_shape(source)
+            spatial = None if input_shape is None else input_shape[1:]
     else:
         output_padding = tuple(attrs.get("output_padding", ())) or (0,) * dims
         pads = _conv_transpose_pads(attrs, spatial, kernel, strides, dilations, output_padding)
@@ -333,7 +340,44 @@ def _conv_from_parts(node: onnx.NodeProto, ctx: _Context, op_type: str, weight: 
     return Layer(op_type=op_type, weight=_as_float(weight),  # type: ignore[arg-type]
                  bias=None if bias is None else _as_float(bias), strides=strides, pads=pads,
                  dilations=dilations, groups=groups, output_padding=output_padding,
-                 input_shape=input_shape, output_shape=output_shape, **common)
+                 input_shape=input_shape, output_shape=output_shape,
+                 padding_mode=padding_mode, **common)  # type: ignore[arg-type]
+
+
+def _circular_padding(node: onnx.NodeProto, ctx: _Context, conv_pads: tuple[int, ...],
+                      kernel: tuple[int, ...], dilations: tuple[int, ...]
+                      ) -> tuple[str, tuple[int, ...]] | None:
+    """(tensor before the pad, spatial wrap pads) when ``Pad(mode="wrap")`` feeds this Conv.
+
+    Only the 'same' case is folded: the Conv itself pads nothing and the wrap adds exactly
+    dil * (k - 1) per axis, so the map is the periodic convolution on the unpadded input (the
+    operator of the ``circular`` boundary). Other wrap amounts keep the Conv on the padded
+    tensor, as the graph says.
+    """
+    pad = ctx.producers.get(node.input[0])
+    if pad is None or pad.op_type != "Pad" or any(conv_pads):
+        return None
+    mode = _attributes(pad).get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "wrap":
+        return None
+    amounts = ctx.constant(_input(pad, 1))
+    axes = ctx.constant(_input(pad, 3)) if _input(pad, 3) else None
+    shape = ctx.sample_shape(pad.input[0])
+    if amounts is None or shape is None:
+        return None
+    rank = len(shape) + 1  # with the batch axis
+    full = np.zeros(2 * rank, dtype=np.int64)
+    chosen = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    half = len(chosen)
+    for i, axis in enumerate(chosen):
+        full[axis], full[axis + rank] = amounts[i], amounts[i + half]
+    if full[:2].any() or full[rank:rank + 2].any():
+        return None  # wraps the batch or channel axis: not a convolution's padding
+    spatial = tuple(int(v) for v in (*full[2:rank], *full[rank + 2:]))
+    d = len(kernel)
+    if any(spatial[j] + spatial[j + d] != dilations[j] * (kernel[j] - 1) for j in range(d)):
+        return None
+    return pad.input[0], spatial
 
 
 def _conv_layer(node: onnx.NodeProto, ctx: _Context, **common: Any) -> Layer:

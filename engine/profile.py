@@ -9,15 +9,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from specprof.engine.base import Backend
 from specprof.engine.errors import SpecprofError
 from specprof.engine.plugins import Registry
 from specprof.engine.store import Store
-from specprof.engine.types import Boundary, Layer, LoadedModel, Request, Spectrum
+from specprof.engine.types import Layer, LoadedModel, Request, Spectrum
 
 AUTO = "auto"
+MODEL_BOUNDARY: Final = "model"
+BoundaryChoice = Literal["model", "zeros", "circular"]
+"""``model``: each layer's own padding (zeros, or circular where the model wraps)."""
 Status = Literal["ok", "reused", "skipped", "failed"]
 
 
@@ -26,7 +29,7 @@ class ProfileConfig:
     """What the user asked for; stored with the run."""
 
     backends: tuple[str, ...] = (AUTO,)
-    boundary: Boundary = "zeros"
+    boundary: BoundaryChoice = MODEL_BOUNDARY
     device: str = "cpu"
     top_k: int | None = None
     precision: Literal["float64", "float32"] = "float64"
@@ -36,9 +39,13 @@ class ProfileConfig:
     # run id), computing only the (layer, backend) results it lacks.
     resume: bool = False
 
-    def request(self) -> Request:
-        return Request(boundary=self.boundary, device=self.device, top_k=self.top_k,
-                       precision=self.precision, max_dense=self.max_dense)
+    def request(self, layer: Layer | None = None) -> Request:
+        """The question for the backends; with ``boundary="model"`` each layer's own padding."""
+        boundary = self.boundary
+        if boundary == MODEL_BOUNDARY:
+            boundary = layer.padding_mode if layer is not None else "zeros"
+        return Request(boundary=boundary, device=self.device,  # type: ignore[arg-type]
+                       top_k=self.top_k, precision=self.precision, max_dense=self.max_dense)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -116,13 +123,13 @@ def profile_model(
     run goes on.
     """
     validate_backends(config.backends, registry)
-    request = config.request()
     model_id, layer_ids = store.add_model(model)
     run_id, done = _start_or_resume(model_id, {"model": model.name, **config.to_json()}, config,
                                     store)
     result = ProfileResult(run_id, model)
     try:
         for layer, layer_id in zip(model.layers, layer_ids, strict=True):
+            request = config.request(layer)
             for name in config.backends:
                 outcome = _resumed_outcome(layer, layer_id, name, request, done, store, registry,
                                            run_id)

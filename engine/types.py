@@ -67,6 +67,9 @@ class Layer:
     output_shape: tuple[int, ...] | None = None
     index: int = 0
     node_name: str = ""
+    padding_mode: Boundary = "zeros"
+    """How the model pads the input: ``zeros`` (ONNX Conv), or ``circular`` where a
+    ``Pad(mode="wrap")`` feeds the convolution (then ``pads`` are the wrap amounts)."""
     note: str = ""
     """How the layer was read when that matters: dequantized, fused QKV, folded BatchNorm.
     Not part of ``content_hash``: it describes the source, not the map."""
@@ -126,7 +129,7 @@ class Layer:
         _hash_array(digest, self.weight)
         _hash_array(digest, self.bias)
         params = [self.strides, self.pads, self.dilations, self.groups, self.output_padding,
-                  self.input_shape]
+                  self.input_shape, self.padding_mode]
         digest.update(json.dumps(params).encode())
         return digest.hexdigest()
 
@@ -147,6 +150,8 @@ class Layer:
             parts.append("d" + "x".join(map(str, self.dilations)))
         if self.groups != 1:
             parts.append(f"g{self.groups}")
+        if self.padding_mode != "zeros":
+            parts.append(self.padding_mode)
         parts.append(f"{self.in_channels}->{self.out_channels}")
         if self.input_shape is not None:
             parts.append("@" + "x".join(map(str, self.input_shape[1:])))

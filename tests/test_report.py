@@ -111,7 +111,7 @@ def test_report_is_self_contained_with_table_plots_and_hypergraphs(stored: Store
     assert all(src.startswith("data:image/png;base64,") for src in cells.images)
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", text)  # nothing external
     assert "rand_alpha" in text and "shuffled-weights baseline included" in text
-    assert '"boundary": "zeros"' in html.unescape(text)  # the run's parameters
+    assert '"boundary": "model"' in html.unescape(text)  # the run's parameters
     assert "Lipschitz upper bound" in text
 
 

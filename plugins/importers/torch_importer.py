@@ -83,24 +83,36 @@ def _export_module(module: Any, input_shape: tuple[int, ...]) -> onnx.ModelProto
 
 
 def _export_eval_module(module: Any, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """ONNX of an eval-mode module: the TorchScript exporter (fast), else the dynamo one.
+
+    A module with circular padding goes to the dynamo exporter first: it writes
+    ``Pad(mode="wrap")``, which the extractor folds into a circular layer, where the
+    TorchScript exporter writes Slice/Concat chains that lose the structure.
+    """
     import torch
 
     example = (torch.zeros(1, *input_shape),)
+
+    def torchscript() -> onnx.ModelProto:
+        buffer = io.BytesIO()
+        torch.onnx.export(module, example, buffer, dynamo=False, opset_version=TARGET_OPSET,
+                          external_data=False)
+        return onnx.load_from_string(buffer.getvalue())
+
+    def dynamo() -> onnx.ModelProto:
+        return torch.onnx.export(module, example, dynamo=True, opset_version=TARGET_OPSET,
+                                 external_data=False, verbose=False).model_proto
+
+    exporters = [("TorchScript exporter", torchscript), ("dynamo exporter", dynamo)]
+    if any(getattr(m, "padding_mode", "zeros") == "circular" for m in module.modules()):
+        exporters.reverse()
     errors = []
     with _quiet(), torch.no_grad():
-        try:
-            buffer = io.BytesIO()
-            torch.onnx.export(module, example, buffer, dynamo=False, opset_version=TARGET_OPSET,
-                              external_data=False)
-            return onnx.load_from_string(buffer.getvalue())
-        except Exception as error:  # the tracer raises many kinds; the fallback decides
-            errors.append(f"TorchScript exporter: {_first_line(error)}")
-        try:
-            program = torch.onnx.export(module, example, dynamo=True, opset_version=TARGET_OPSET,
-                                        external_data=False, verbose=False)
-            return program.model_proto
-        except Exception as error:
-            errors.append(f"dynamo exporter: {_first_line(error)}")
+        for label, export in exporters:
+            try:
+                return export()
+            except Exception as error:  # the exporters raise many kinds; the next one decides
+                errors.append(f"{label}: {_first_line(error)}")
     raise ModelLoadError(
         f"torch.onnx.export failed on input shape {tuple(input_shape)} ({'; '.join(errors)})",
         "check --input-shape, or export the model to ONNX yourself and profile the .onnx file",
