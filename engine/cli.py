@@ -325,7 +325,8 @@ def _plugin_rows(kind: str | None = None) -> list[dict[str, Any]]:
                      "spectrum": getattr(cls, "kind", ""),
                      "exact": getattr(cls, "exact", ""),
                      "available": "yes" if support else f"no: {support.reason}",
-                     "from": origin, "description": cls.description})
+                     "from": "built-in" if origin.startswith("specprof.plugins.") else origin,
+                     "description": cls.description})
     return rows
 
 
