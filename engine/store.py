@@ -704,7 +704,11 @@ class Store:
     def add_hypergraph(self, run_id: int, analyzer: str, name: str, params: dict[str, Any],
                        incidence: dict[str, list[str]], edge_properties: dict[str, Any] | None = None,
                        node_properties: dict[str, Any] | None = None) -> int:
-        """Store one hypergraph of a run (``incidence``: {edge name: [node names]}); its id."""
+        """Store one hypergraph of a run (``incidence``: {edge name: [node names]}); its id.
+
+        An earlier hypergraph of the same run, analyzer, name and parameters is replaced in the
+        same transaction, as ``add_analysis`` replaces its rows.
+        """
         row = HypergraphRow(run_id=run_id, analyzer=analyzer, name=name, params=json_clean(params),
                             incidence=json_clean({str(edge): [str(node) for node in nodes]
                                                   for edge, nodes in incidence.items()}),
@@ -713,6 +717,12 @@ class Store:
         with self._guarded("write to"), self._write.begin() as session:
             if session.get(RunRow, run_id) is None:
                 raise StoreError(f"no run {run_id} in {self.display_url}", "see: specprof runs")
+            earlier = session.scalars(select(HypergraphRow).where(
+                HypergraphRow.run_id == run_id, HypergraphRow.analyzer == analyzer,
+                HypergraphRow.name == name)).all()
+            for old in earlier:  # JSON is not comparable in SQL on every database
+                if old.params == row.params:
+                    session.delete(old)
             session.add(row)
             session.flush()
             return row.id

@@ -73,14 +73,15 @@ def parse(text: str) -> _Cells:
 
 
 @pytest.fixture
-def stored(tmp_path: Path) -> Stored:
+def stored(tmp_path: Path, db_url: str) -> Stored:
     """Two runs of small_cnn (exact + toeplitz, then exact circular), a spectral analysis of
-    the first, and hypergraph results as the hypergraph analyzer stores them."""
+    the first, and hypergraph results as the hypergraph analyzer stores them; on SQLite and on
+    PostgreSQL."""
     registry = Registry.from_manager(get_plugin_manager(PLUGINS, entry_points=False))
     path = tmp_path / "small_cnn.onnx"
     onnx.save(small_cnn(), path)
     model = load_model(path, registry=registry)
-    db = str(tmp_path / "specprof.db")
+    db = db_url
     with Store.open(db) as store:
         run_id = profile_model(model, ProfileConfig(backends=("exact", "toeplitz")), store,
                                registry).run_id

@@ -47,12 +47,13 @@ def registry() -> Registry:
 
 
 @pytest.fixture
-def profiled(tmp_path: Path, registry: Registry) -> Profiled:
-    """small_cnn (conv 3->4 @8x8, conv s2 g2 4->4, Gemm 64->5) profiled with the exact backend."""
+def profiled(tmp_path: Path, registry: Registry, db_url: str) -> Profiled:
+    """small_cnn (conv 3->4 @8x8, conv s2 g2 4->4, Gemm 64->5) profiled with the exact backend,
+    on SQLite and on PostgreSQL (the ``db_url`` fixture)."""
     path = tmp_path / "small_cnn.onnx"
     onnx.save(small_cnn(), path)
     model = load_model(path, registry=registry)
-    db = str(tmp_path / "specprof.db")
+    db = db_url
     with Store.open(db) as store:
         run_id = profile_model(model, ProfileConfig(backends=("exact",)), store, registry).run_id
     return Profiled(db, run_id, model, path)
