@@ -9,8 +9,8 @@ operator's exact squared Frobenius norm (closed form). The grid is a parameter (
 ``ToeplitzBackend``); ``benchmarks/toeplitz_zoo.py`` measures the candidates against the dense
 zero-padded spectrum and the default is the best measured.
 
-Everything here is NumPy: the true zero-padded operator (for the lower bound) is applied by a
-small tap-loop convolution (``conv_apply``/``conv_adjoint``), never by torch.
+Everything here is NumPy: the true zero-padded operator (for the lower bound) is applied by
+``specprof.engine.operator.ConvApply``, the matrix-free code the ``exact`` backend uses.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Backend
+from specprof.engine.operator import ConvApply
 from specprof.engine.types import Layer, Request, Spectrum, Support
 
 # Relative margin added to the computed upper bound to cover floating-point rounding of the
@@ -118,42 +119,24 @@ def conv_geometry(layer: Layer) -> ConvGeometry:
 # --------------------------------------------------------------------------- true operator
 
 
-def _tap_slices(geom: ConvGeometry, tap: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(dl * a, dl * a + s * (o - 1) + 1, s)
-                 for a, dl, s, o in zip(tap, geom.dilations, geom.strides, geom.out, strict=True))
-
-
-def _padded_extent(geom: ConvGeometry) -> tuple[int, ...]:
-    # Large enough for every tap slice and for the whole unpadded input.
-    return tuple(max(pb + n, s * (o - 1) + dl * (k - 1) + 1) for pb, n, s, o, dl, k in zip(
-        geom.pad_begin, geom.n, geom.strides, geom.out, geom.dilations, geom.kernel, strict=True))
+def true_operator(geom: ConvGeometry) -> ConvApply:
+    """The zero-padded convolution ``geom`` as specprof's matrix-free operator (the same code
+    as the ``exact`` backend's top-k): ``matvec`` is A, ``rmatvec`` its adjoint, on flat
+    vectors."""
+    layer = Layer(name="toeplitz", op_type="Conv", weight=geom.weight, groups=geom.groups,
+                  strides=geom.strides, dilations=geom.dilations,
+                  pads=(*geom.pad_begin, *geom.pad_end), input_shape=(geom.c_in, *geom.n))
+    return ConvApply(layer, "zeros")
 
 
 def conv_apply(geom: ConvGeometry, x: np.ndarray) -> np.ndarray:
     """y = A x for the zero-padded convolution; x (c_in, n...) -> y (c_out, out...)."""
-    g, w = geom.groups, geom.grouped_weight()
-    padded = np.zeros((geom.c_in, *_padded_extent(geom)), dtype=x.dtype)
-    padded[(slice(None), *(slice(pb, pb + n) for pb, n in zip(geom.pad_begin, geom.n, strict=True)))] = x
-    padded = padded.reshape(g, geom.c_in // g, *padded.shape[1:])
-    y = np.zeros((g, geom.c_out // g, math.prod(geom.out)), dtype=np.result_type(x, w))
-    for tap in itertools.product(*(range(k) for k in geom.kernel)):
-        patch = padded[(slice(None), slice(None), *_tap_slices(geom, tap))]
-        y += w[(..., *tap)] @ patch.reshape(g, patch.shape[1], -1)
-    return y.reshape(geom.c_out, *geom.out)
+    return true_operator(geom).matvec(x.ravel()).reshape(geom.c_out, *geom.out)
 
 
 def conv_adjoint(geom: ConvGeometry, y: np.ndarray) -> np.ndarray:
     """x = A^T y for the zero-padded convolution; y (c_out, out...) -> x (c_in, n...)."""
-    g, w = geom.groups, geom.grouped_weight()
-    extent = _padded_extent(geom)
-    padded = np.zeros((g, geom.c_in // g, *extent), dtype=np.result_type(y, w))
-    yg = y.reshape(g, geom.c_out // g, -1)
-    for tap in itertools.product(*(range(k) for k in geom.kernel)):
-        contribution = np.swapaxes(w[(..., *tap)], 1, 2) @ yg
-        padded[(slice(None), slice(None), *_tap_slices(geom, tap))] += contribution.reshape(
-            g, geom.c_in // g, *geom.out)
-    crop = tuple(slice(pb, pb + n) for pb, n in zip(geom.pad_begin, geom.n, strict=True))
-    return padded.reshape(geom.c_in, *extent)[(slice(None), *crop)]
+    return true_operator(geom).rmatvec(y.ravel()).reshape(geom.c_in, *geom.n)
 
 
 def zero_padded_frobenius_sq(geom: ConvGeometry) -> float:
@@ -319,38 +302,37 @@ def certified_lower_bound(geom: ConvGeometry, theta: tuple[float, ...], vector: 
     x = np.ascontiguousarray(wave[(slice(None), *(slice(0, n) for n in geom.n))].real)
     if not np.any(x):
         x = np.random.default_rng(0).standard_normal((geom.c_in, *geom.n))
+    operator = true_operator(geom)
+    x = x.ravel()
     best = 0.0
     for _ in range(iterations + 1):  # power iterations: cheap, monotone from a good start
         norm_x = float(np.linalg.norm(x))
         if norm_x == 0.0:
             break
-        y = conv_apply(geom, x)
+        y = operator.matvec(x)
         best = max(best, float(np.linalg.norm(y)) / norm_x)
-        x = conv_adjoint(geom, y)
+        x = operator.rmatvec(y)
         x /= max(float(np.linalg.norm(x)), np.finfo(float).tiny)
-    return max(best, _lanczos_lower_bound(geom, x))
+    return max(best, _lanczos_lower_bound(geom, operator, x))
 
 
-def _lanczos_lower_bound(geom: ConvGeometry, start: np.ndarray) -> float:
+def _lanczos_lower_bound(geom: ConvGeometry, operator: ConvApply, start: np.ndarray) -> float:
     """||A v|| / ||v|| for ARPACK's top right singular vector v (Lanczos converges where the
     power iteration is slow); 0 when the operator is too small for ARPACK or it fails."""
     rows, cols = geom.shape
     if min(rows, cols) < 3:
         return 0.0
-    operator = LinearOperator(
-        (rows, cols), dtype=np.float64,
-        matvec=lambda v: conv_apply(geom, v.reshape(geom.c_in, *geom.n)).ravel(),
-        rmatvec=lambda v: conv_adjoint(geom, v.reshape(geom.c_out, *geom.out)).ravel())
+    linear = LinearOperator((rows, cols), dtype=np.float64, matvec=operator.matvec,
+                            rmatvec=operator.rmatvec)
     # ARPACK iterates on the smaller side's Gram matrix, so v0 lives there.
-    v0 = start.ravel() if cols <= rows else conv_apply(geom, start).ravel()
-    if not np.any(v0):
-        v0 = None
+    v0 = start if cols <= rows else operator.matvec(start)
     try:
-        _, _, vt = svds(operator, k=1, tol=1e-8, v0=v0, maxiter=200, random_state=0)
+        _, _, vt = svds(linear, k=1, tol=1e-8, v0=v0 if np.any(v0) else None, maxiter=200,
+                        random_state=0)
     except (ArpackNoConvergence, ArpackError):  # the power-iteration result still stands
         return 0.0
-    v = vt[0].reshape(geom.c_in, *geom.n)
-    return float(np.linalg.norm(conv_apply(geom, v))) / float(np.linalg.norm(v))
+    v = vt[0]
+    return float(np.linalg.norm(operator.matvec(v))) / float(np.linalg.norm(v))
 
 
 # --------------------------------------------------------------------------- approximation
