@@ -279,3 +279,70 @@ def test_cholesky_certificate_is_sharp_but_safe() -> None:
     assert _certified_below(gram, top * (1 + 1e-8), inner=20)
     assert not _certified_below(gram, top * (1 - 1e-8), inner=20)
     assert not _certified_below(gram, top, inner=20)  # the rounding margin is never given away
+
+
+# --------------------------------------------------------------------------------------------
+# The Gram polynomial behind the certified path (Grams straight from the kernel).
+
+
+@pytest.mark.parametrize("name", ["3x3 odd n", "c_out < c_in", "kernel > n", "stride 2",
+                                  "stride (2,1)", "stride 2 kernel 7", "groups", "dilation 2",
+                                  "Conv1d stride 2", "Conv3d stride (2,1,1)", "ConvTranspose s2"])
+def test_gram_polynomial_eigenvalues_are_squared_oracle_values(name: str) -> None:
+    from specprof.plugins.backends.fft_circulant import conv_form, gram_matrices
+
+    layer = _case_layer(name)
+    kernels, grid, strides, dilations = conv_form(layer)
+    grams, errors, _ = gram_matrices(kernels, grid, strides, dilations)
+    assert np.abs(grams - grams.conj().swapaxes(-1, -2)).max() <= 1e-12 * np.abs(grams).max()
+    eigenvalues = np.linalg.eigvalsh(grams)  # (groups * half grid, r), ascending
+    # Expand by multiplicity like the backend does, then compare with the dense oracle.
+    small = tuple(n // s for n, s in zip(grid, strides, strict=True))
+    from specprof.plugins.backends.fft_circulant import frequency_multiplicities
+
+    per_frequency = np.tile(frequency_multiplicities(small).ravel(), kernels.shape[0])
+    squared = np.repeat(eigenvalues.ravel(), np.repeat(per_frequency, eigenvalues.shape[1]))
+    reference = _oracle(layer) ** 2
+    ours = np.sort(squared)[::-1][:reference.size]
+    assert np.abs(ours - reference).max() <= 1e-12 * reference[0]
+    # The stated rounding bound holds and is far below the values it certifies.
+    assert (errors >= 0).all() and errors.max() <= 1e-8 * reference[0]
+
+
+def test_uncertified_finds_the_one_gram_above_the_bound() -> None:
+    from specprof.plugins.backends.fft_circulant import _certified_below, _uncertified
+
+    rng = np.random.default_rng(4)
+    symbols = rng.standard_normal((40, 9, 6)) + 1j * rng.standard_normal((40, 9, 6))
+    grams = symbols.conj().swapaxes(-1, -2) @ symbols
+    tops = np.linalg.eigvalsh(grams)[:, -1]
+    bound = float(np.sort(tops)[-3]) * (1 + 1e-9)  # the two largest are above it
+    expected = np.flatnonzero(tops > bound)
+    assert expected.size == 2
+    np.testing.assert_array_equal(_uncertified(grams, bound, 9, 1e-12), expected)
+    assert _uncertified(grams, float(tops.max()) * 1.001, 9, 1e-12).size == 0
+    # Batched and one-by-one agree on every matrix, including those right at the bound.
+    close = float(np.sort(tops)[-5])
+    single = [i for i in range(40) if not _certified_below(grams[i], close, 9, 1e-12)]
+    np.testing.assert_array_equal(_uncertified(grams, close, 9, 1e-12), single)
+
+
+@pytest.mark.parametrize("kernel,n,dilation", [(7, 3, 1), (3, 4, 3)])
+def test_certified_top_k_kernel_larger_than_grid(kernel: int, n: int, dilation: int) -> None:
+    weight = np.random.default_rng(kernel).standard_normal((3, 2, kernel, kernel))
+    layer = _layer(weight, (2, n, n), dilation=dilation)
+    spectrum = FftCirculantBackend().compute(layer, Request(boundary="circular", top_k=2))
+    assert "certified" in spectrum.note
+    reference = _wide_kernel_oracle(weight, (2, n, n), dilation)
+    assert _error(spectrum.expanded(), reference[:2]) <= 1e-10
+
+
+def test_certified_top_k_many_frequencies_one_thread_and_two() -> None:
+    # Enough frequencies for several pieces per thread and the Lanczos refinement.
+    layer = _layer(np.random.default_rng(9).standard_normal((5, 4, 3, 3)), (4, 24, 20))
+    reference = _oracle(layer)
+    for threads in (1, 2):
+        spectrum = FftCirculantBackend(threads=threads).compute(
+            layer, Request(boundary="circular", top_k=3))
+        assert "certified" in spectrum.note
+        assert _error(spectrum.expanded(), reference[:3]) <= 1e-10

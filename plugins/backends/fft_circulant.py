@@ -42,6 +42,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -54,6 +55,7 @@ Method = Literal["svd", "gram"]
 
 # Below this many matrices a batch is not split over threads: thread start-up would dominate.
 _MIN_BATCH_PER_THREAD = 8
+_PIECES_PER_THREAD = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,11 +152,18 @@ class _NumpyOps:
         return np.ascontiguousarray(a.transpose(order))
 
     def _split(self, stack: np.ndarray, fn: Any) -> np.ndarray:
-        chunks = min(self.threads, stack.shape[0] // _MIN_BATCH_PER_THREAD)
-        if chunks <= 1:
+        workers = min(self.threads, stack.shape[0] // _MIN_BATCH_PER_THREAD)
+        if workers <= 1:
             return fn(stack)
-        with _one_blas_thread(), ThreadPoolExecutor(chunks) as pool:
-            return np.concatenate(list(pool.map(fn, np.array_split(stack, chunks))))
+        # Several pieces per thread, taken as threads come free: with one piece each, one
+        # thread often finished long before the other (measured for the 64->64 layer at
+        # 56x56 on 2 cores: 0.34 s with 2 pieces, 0.27 s with 16).
+        # The same number for every thread: 3 pieces of 28 big matrices on 2 threads would
+        # leave one thread with twice the work.
+        pieces = workers * max(1, min(_PIECES_PER_THREAD,
+                                      stack.shape[0] // (workers * _MIN_BATCH_PER_THREAD)))
+        with _one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+            return np.concatenate(list(pool.map(fn, np.array_split(stack, pieces))))
 
     def svdvals(self, stack: np.ndarray) -> np.ndarray:
         return self._split(stack, lambda part: np.linalg.svd(part, compute_uv=False))
@@ -304,72 +313,225 @@ def circulant_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tupl
 # Top-k without the full spectrum, certified.
 
 _UNIT_ROUNDOFF = 2.0**-53  # float64
-_POWER_STEPS = 30
+_LANCZOS_STEPS = 6
 
 
-def _map_chunks(ops: _NumpyOps, count: int, fn: Any) -> None:
-    """Run ``fn(indices)`` over ``range(count)`` split into one chunk per thread."""
-    chunks = max(1, min(ops.threads, count // _MIN_BATCH_PER_THREAD))
-    parts = np.array_split(np.arange(count), chunks)
-    if chunks == 1:
-        fn(parts[0])
-        return
-    with _one_blas_thread(), ThreadPoolExecutor(chunks) as pool:
-        list(pool.map(fn, parts))
+def _tap_layout(kernel_shape: tuple[int, ...], strides: tuple[int, ...],
+                dilations: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Polyphase component (flat index) and offset (per dimension) of every kernel tap.
 
-
-def _conj_grams(stack: np.ndarray, ops: _NumpyOps) -> np.ndarray:
-    """conj(G_f) for each symbol S_f of the stack, G_f its Gram on the smaller side (r x r).
-
-    One ``zherk`` per frequency on the transposed view (no copy, half the flops of a GEMM);
-    its result A A^H with A = S^T is conj(S^H S), same eigenvalues. It fills one triangle;
-    the other is filled here, so the stack is C-contiguous and Hermitian.
+    Taps in C order, as ``kernels.reshape(..., -1)`` flattens them; the same rule as
+    ``phase_matrix``: tap offset t = a * dilation lands in component t mod s at offset t div s.
     """
-    from scipy.linalg.blas import zherk
-
-    p, q = stack.shape[-2:]
-    r = min(p, q)
-    trans = 0 if q <= p else 2  # A A^H (q x q) or A^H A (p x p), A = S_f^T
-    grams = np.empty((stack.shape[0], r, r), dtype=np.complex128)
-    lower = np.tril_indices(r, -1)
-
-    def chunk(indices: np.ndarray) -> None:
-        for f in indices:
-            upper = zherk(1.0, stack[f].T, trans=trans)  # Fortran order, upper triangle
-            upper[lower] = upper.T[lower].conj()
-            grams[f] = upper
-
-    _map_chunks(ops, stack.shape[0], chunk)
-    return grams
+    taps = np.indices(kernel_shape).reshape(len(kernel_shape), -1).T * np.array(dilations)
+    component = np.ravel_multi_index(tuple((taps % np.array(strides)).T), strides)
+    return component, taps // np.array(strides)
 
 
-def _power_lower_bounds(grams: np.ndarray, steps: int = _POWER_STEPS) -> np.ndarray:
-    """Rayleigh quotients x^H G x <= lambda_max(G) after a few batched power steps.
+@dataclass(frozen=True)
+class GramPolynomial:
+    """The Grams of all half-grid symbols as a matrix trigonometric polynomial in f.
 
-    Only an ordering heuristic (which frequencies to compute first); nothing relies on how
-    close they are.
+    ``coefficients`` (groups, deltas, r*r) real; ``cos``/``sin`` (frequencies, deltas) the
+    real and imaginary parts of the phases; ``errors[g]`` bounds ||computed - exact||_2 of
+    every Gram of group g as ``evaluate`` computes it; ``inner`` is the longest
+    floating-point sum involved.
     """
-    def power(stack: np.ndarray, x: np.ndarray, count: int) -> np.ndarray:
-        for _ in range(count):
-            x = stack @ x
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(float).tiny)
-        return x
 
-    x = power(grams, np.ones(grams.shape[:2], dtype=np.complex128)[..., None], 8)
-    rho = np.real(np.sum(x.conj() * (grams @ x), axis=(1, 2)))
-    # More steps only where the maximum can plausibly be (most of the cost otherwise).
-    top = np.flatnonzero(rho >= 0.7 * rho.max())
-    subset = grams[top] if top.size < rho.size else grams  # one gathered copy, not one per step
-    x = power(subset, x[top], steps - 8)
-    rho[top] = np.real(np.sum(x.conj() * (subset @ x), axis=(1, 2)))
-    return rho
+    coefficients: np.ndarray
+    cos: np.ndarray
+    sin: np.ndarray
+    errors: np.ndarray
+    inner: int
+    r: int
+
+    @property
+    def n_freq(self) -> int:
+        return self.cos.shape[0]
+
+    def evaluate(self, group: int, freqs: np.ndarray | slice) -> np.ndarray:
+        """Grams (len(freqs), r, r) complex of one group: two real GEMMs written in place
+        (the coefficients are real). Cheap enough (deltas x r^2 per frequency) to redo in
+        cache-sized pieces rather than keep the whole stack in memory."""
+        cos, sin = self.cos[freqs], self.sin[freqs]
+        grams = np.empty((cos.shape[0], self.r * self.r), dtype=np.complex128)
+        np.matmul(cos, self.coefficients[group], out=grams.real)
+        np.matmul(sin, self.coefficients[group], out=grams.imag)
+        return grams.reshape(-1, self.r, self.r)
 
 
-def _certified_below(gram: np.ndarray, bound: float, inner: int) -> bool:
+def gram_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
+                  dilations: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The Gram of every half-grid symbol on its smaller side, all at once.
+
+    Returns ``(grams, errors, inner)``: grams (groups * prod(F), r, r) complex, Hermitian,
+    each with the eigenvalues of S_f^H S_f for the symbol S_f of ``symbol_matrices`` (same
+    batch order), up to conjugation; ``errors[g]`` bounds ||computed - exact||_2 for every
+    frequency of group g; ``inner`` is the longest floating-point sum involved.
+    """
+    poly = gram_polynomial(kernels, grid, strides, dilations)
+    grams = np.concatenate([poly.evaluate(group, slice(None))
+                            for group in range(poly.coefficients.shape[0])])
+    return grams, poly.errors, poly.inner
+
+
+def gram_polynomial(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
+                    dilations: tuple[int, ...]) -> GramPolynomial:
+    """The Grams of the half-grid symbols on their smaller side (r x r), from the kernel alone.
+
+    Why not S_f^H S_f per frequency: the Gram is a trigonometric polynomial in f of small
+    degree, G(f) = sum_delta C_delta exp(-2 pi i <f, delta> / N), with real coefficients
+    C_delta = sum of W_a W_b^T over tap pairs (a, b) in the same polyphase component whose
+    offsets differ by delta (P P^H side; the P^H P side places W_a^T W_b at block (phase a,
+    phase b)). The coefficients cost one real GEMM per tap (against all later taps; independent
+    of the grid), and Grams then come from real products (frequencies x deltas) @ (deltas x
+    r^2), done by ``GramPolynomial.evaluate`` in pieces as they are needed: for a
+    64->64 3x3 layer at 56x56, 1624 frequencies share 25 coefficient matrices; for a strided
+    512->512 layer it avoids ~60 GFLOP of per-frequency products of 2048-wide symbols.
+
+    Error bound: every entry of C_delta and of the sum over delta is a floating-point sum of
+    at most ``inner`` products whose absolute values add up to at most the entry of
+    T = sum_phase A_r A_r^T (A_r = sum of |W_a| over the taps of component r; A^T A for the
+    other side), so |computed - exact| <= gamma_inner T elementwise (Higham, Accuracy and
+    Stability, section 3.1; the complex phases double gamma), and
+    ||T||_2 <= sum_r ||A_r||_F^2.
+    """
+    g, c_out, c_in = kernels.shape[:3]
+    kernel_shape = tuple(kernels.shape[3:])
+    n_taps = math.prod(kernel_shape)
+    n_phase = math.prod(strides)
+    small = tuple(n // s for n, s in zip(grid, strides, strict=True))
+    component, offset = _tap_layout(kernel_shape, strides, dilations)
+    reach = offset.max(axis=0) + 1  # offsets 0 .. reach-1 per dimension
+    deltas = tuple(int(2 * q - 1) for q in reach)
+    left = c_out <= n_phase * c_in  # P P^H (c_out x c_out), else P^H P (n_phase c_in square)
+    r = c_out if left else n_phase * c_in
+    weights = np.ascontiguousarray(
+        np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in, n_taps).transpose(0, 3, 1, 2))
+    coefficients = np.zeros((g, *deltas, r, r))
+    # Taps that meet: P P^H pairs taps of one polyphase component, P^H P pairs all taps.
+    meeting = [np.flatnonzero(component == c) for c in range(n_phase)] if left else [
+        np.arange(n_taps)]
+    for group in range(g):
+        for taps in meeting:
+            if taps.size == 0:
+                continue
+            # The pair products (a <= b) of these taps, one GEMM per tap: W_a times all
+            # later taps stacked (GEMM speed; dsyrk on everything was 2.5x slower here).
+            size = c_out if left else c_in
+            for i, a in enumerate(taps):
+                if left:  # W_a W_b^T: (c_out, c_in) @ (c_in, later taps * c_out)
+                    later = weights[group, taps[i:]].reshape(-1, c_in)
+                    row = weights[group, a] @ later.T
+                else:  # W_a^T W_b: (c_in, c_out) @ (c_out, later taps * c_in)
+                    later = weights[group, taps[i:]].transpose(1, 0, 2).reshape(c_out, -1)
+                    row = weights[group, a].T @ later
+                for j in range(i, taps.size):
+                    b = taps[j]
+                    product = row[:, (j - i) * size:(j - i + 1) * size]
+                    here = tuple(offset[a] - offset[b] + reach - 1)
+                    mirror = tuple(offset[b] - offset[a] + reach - 1)
+                    if left:
+                        rows_a = rows_b = slice(None)
+                    else:
+                        rows_a = slice(component[a] * c_in, (component[a] + 1) * c_in)
+                        rows_b = slice(component[b] * c_in, (component[b] + 1) * c_in)
+                    coefficients[(group, *here, rows_a, rows_b)] += product
+                    if i != j:
+                        coefficients[(group, *mirror, rows_b, rows_a)] += product.T
+    # Phases (deltas, frequencies): exp(-2 pi i ((delta f) mod N) / N), integers reduced first.
+    phases = np.ones((1, 1), dtype=np.complex128)
+    for j, (n, q) in enumerate(zip(small, reach, strict=True)):
+        freqs = np.arange(n // 2 + 1 if j == len(small) - 1 else n)
+        delta = np.arange(-(q - 1), q)
+        one = np.exp((-2j * np.pi / n) * ((delta[:, None] * freqs[None, :]) % n))
+        phases = np.einsum("ab,cd->acbd", phases, one).reshape(
+            phases.shape[0] * one.shape[0], -1)
+    magnitude = np.zeros((g, n_phase, c_out, c_in))
+    np.add.at(magnitude, (slice(None), component), np.abs(weights))
+    bound = np.sum(magnitude**2, axis=(1, 2, 3))
+    # Per entry: a dot product (c_in or c_out terms), summed over at most n_taps pairs with
+    # that delta, then over the deltas; +64 covers the complex phases (each a few ulps).
+    inner = (c_in if left else c_out) + n_taps + math.prod(deltas) + 64
+    gamma = 2 * inner * _UNIT_ROUNDOFF / (1 - 2 * inner * _UNIT_ROUNDOFF)
+    errors = 2 * gamma * bound  # x2: the norms themselves are computed in floating point
+    return GramPolynomial(coefficients.reshape(g, -1, r * r),
+                          np.ascontiguousarray(phases.real.T),
+                          np.ascontiguousarray(phases.imag.T), errors, inner, r)
+
+
+def symbols_at(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
+               dilations: tuple[int, ...], indices: np.ndarray) -> np.ndarray:
+    """``symbol_matrices(...)[indices]`` (float64) without computing the other frequencies."""
+    d = len(grid)
+    g, c_out, c_in = kernels.shape[:3]
+    phases = np.ones((), dtype=np.complex128)
+    for j in range(d):
+        phases = np.multiply.outer(phases, phase_matrix(
+            kernels.shape[3 + j], grid[j], strides[j], dilations[j], half=(j == d - 1)))
+    n_freq = math.prod(phases.shape[2::3])
+    n_phase = math.prod(strides)
+    rows = [*range(2, 3 * d, 3), *range(1, 3 * d, 3), *range(0, 3 * d, 3)]
+    phases = phases.transpose(rows).reshape(n_freq, n_phase, -1)
+    weights = np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in, -1)
+    weights = weights.transpose(0, 3, 2, 1).reshape(g, -1, c_in * c_out)  # (g, taps, c_in c_out)
+    group, freq = np.divmod(np.asarray(indices), n_freq)
+    out = np.empty((len(group), n_phase * c_in, c_out), dtype=np.complex128)
+    for gi in np.unique(group):
+        mine = np.flatnonzero(group == gi)
+        x = phases[freq[mine]].reshape(-1, phases.shape[2]) @ weights[gi]
+        out[mine] = x.reshape(len(mine), n_phase * c_in, c_out)
+    return out
+
+
+def _lanczos_lower_bounds(grams: np.ndarray, steps: int = _LANCZOS_STEPS) -> np.ndarray:
+    """Largest Ritz values of a few batched Lanczos steps: estimates of lambda_max(G_f) from
+    below, used only to order the frequencies (nothing relies on how close they are).
+
+    Lanczos rather than power steps: after m matrix-vector products its estimate converges
+    like a Chebyshev polynomial of degree m, so a handful of memory-bound passes over the
+    Grams order them about as well as 30 power steps did. Full reorthogonalization (cheap:
+    m vectors per frequency) keeps the Ritz values meaningful.
+    """
+    count, r = grams.shape[:2]
+    steps = min(steps, r)
+    start = np.random.default_rng(0).standard_normal(r) + 1j  # deterministic, generic
+    q = np.broadcast_to(start / np.linalg.norm(start), (count, r)).copy()
+    basis = np.empty((steps, count, r), dtype=np.complex128)
+    alpha = np.zeros((count, steps))
+    beta = np.zeros((count, steps))
+    tiny = np.finfo(float).tiny
+    m = 0
+    for m in range(steps):
+        basis[m] = q
+        # Batched matrix-vector products: einsum is faster for small matrices, matmul
+        # (one BLAS gemv each) for large ones (measured at r = 64 and r >= 128).
+        w = np.einsum("fij,fj->fi", grams, q) if r <= 64 else (grams @ q[..., None])[..., 0]
+        alpha[:, m] = np.real(np.einsum("fi,fi->f", q.conj(), w))
+        coeffs = np.einsum("mfi,fi->mf", basis[:m + 1].conj(), w)
+        w -= np.einsum("mf,mfi->fi", coeffs, basis[:m + 1])
+        norm = np.linalg.norm(w, axis=1)
+        if m + 1 == steps:
+            break
+        beta[:, m] = norm
+        q = w / np.maximum(norm, tiny)[:, None]
+    size = m + 1
+    tri = np.zeros((count, size, size))
+    idx = np.arange(size)
+    tri[:, idx, idx] = alpha[:, :size]
+    tri[:, idx[:-1], idx[1:]] = beta[:, :size - 1]
+    tri[:, idx[1:], idx[:-1]] = beta[:, :size - 1]
+    return np.linalg.eigvalsh(tri)[:, -1]
+
+
+def _certified_below(gram: np.ndarray, bound: float, inner: int,
+                     gram_error: float | None = None) -> bool:
     """True only if every eigenvalue of the exact Gram S^H S is <= ``bound``.
 
     ``gram`` is the computed (Hermitian) Gram of a symbol S whose
-    products had ``inner`` terms. Proof sketch, with u the unit roundoff and r the order:
+    products had ``inner`` terms; ``gram_error``, where given, bounds ||computed - exact||_2
+    (as from ``gram_matrices``), else the bound of (1) is used.
+    Proof sketch, with u the unit roundoff and r the order:
     (1) forming the Gram in floating point (Higham, Accuracy and Stability, Lemma 3.5 and
         section 3.6 for complex data) gives G~ = G + E1 with |E1| <= gamma |S|^H |S|
         elementwise, so ||E1||_2 <= ||E1||_F <= gamma ||S||_F^2, gamma = 2(inner+2)u/(1-...),
@@ -384,19 +546,56 @@ def _certified_below(gram: np.ndarray, bound: float, inner: int) -> bool:
     """
     from scipy.linalg.lapack import zpotrf
 
-    r = gram.shape[0]
-    trace = float(np.real(np.trace(gram)))
-    gamma_gram = 2 * (inner + 2) * _UNIT_ROUNDOFF
-    gamma_chol = 2 * (r + 1) * _UNIT_ROUNDOFF
-    margin = 2 * (gamma_gram * trace * (1 + gamma_gram) + 2 * gamma_chol * r * bound
-                  + _UNIT_ROUNDOFF * (bound + trace))
-    mu = bound - margin
+    mu = _shifts(gram[None], bound, inner,
+                 None if gram_error is None else np.array([gram_error]))[0]
     if mu <= 0:
         return False
+    r = gram.shape[0]
     shifted = -gram.T  # Fortran order for LAPACK (no copy inside); conj(G), same eigenvalues
     shifted[np.diag_indices(r)] += mu
     _, info = zpotrf(shifted, lower=0, clean=0, overwrite_a=1)
     return info == 0
+
+
+def _shifts(grams: np.ndarray, bound: float, inner: int,
+            gram_errors: np.ndarray | None) -> np.ndarray:
+    """mu of ``_certified_below`` for each Gram of the stack: ``bound`` minus all rounding
+    error terms, each doubled."""
+    r = grams.shape[-1]
+    trace = np.sum(np.abs(np.diagonal(grams, axis1=-2, axis2=-1)), axis=-1)
+    if gram_errors is None:
+        gamma_gram = 2 * (inner + 2) * _UNIT_ROUNDOFF
+        gram_errors = gamma_gram * trace * (1 + gamma_gram)
+    gamma_chol = 2 * (r + 1) * _UNIT_ROUNDOFF
+    margin = 2 * (gram_errors + 2 * gamma_chol * r * bound + _UNIT_ROUNDOFF * (bound + trace))
+    return bound - margin
+
+
+def _uncertified(grams: np.ndarray, bound: float, inner: int, gram_error: float) -> np.ndarray:
+    """Positions in the stack of the Grams NOT certified below ``bound``.
+
+    The same test as ``_certified_below`` (same shifts, the same LAPACK Cholesky through
+    ``np.linalg.cholesky``), batched: one call factors the whole stack and succeeds only if
+    every matrix is positive definite, the common case (one frequency holds the maximum, the
+    rest are below it). Where the batch fails, each matrix is tested alone.
+    """
+    mu = _shifts(grams, bound, inner, np.full(grams.shape[0], gram_error))
+    if (mu > 0).all():
+        shifted = -grams
+        diagonal = np.arange(grams.shape[-1])
+        shifted[:, diagonal, diagonal] += mu[:, None]
+        try:
+            np.linalg.cholesky(shifted)
+            return np.zeros(0, dtype=np.int64)
+        except np.linalg.LinAlgError:
+            pass
+    return np.array([i for i in range(grams.shape[0])
+                     if not _certified_below(grams[i], bound, inner, gram_error)], dtype=np.int64)
+
+
+# Grams are evaluated, screened and certified in pieces of about this many bytes per thread
+# (in cache: each pass over a whole stack from memory cost more than evaluating it again).
+_PIECE_BYTES = 1 << 22
 
 
 def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
@@ -409,35 +608,67 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     Same values as ``top_k_of(*circulant_spectrum(...), k)`` (float64, SVD where it computes)
     but a frequency is skipped when its symbol is proven to have no value above the k-th
     largest value found so far, t:
-    1. the Gram of every symbol on its smaller side (``zherk``: GEMM speed, not LAPACK SVD
-       speed) and a few batched power steps give lower bounds rho_f <= sigma_max(f)^2, used
-       only to order the frequencies;
-    2. the SVD of the top frequencies (as many as their multiplicities need to reach k) gives t; the ones with
-       rho_f >= t^2 cannot be skipped and are computed too, raising t;
+    1. the Gram of every symbol on its smaller side, straight from the kernel
+       (``gram_polynomial``: a trigonometric polynomial, GEMM speed), and a few batched Lanczos
+       steps give estimates rho_f <= sigma_max(f)^2, used only to order the frequencies;
+    2. the SVD of the top frequencies (as many as their multiplicities need to reach k) gives
+       t; the ones with rho_f >= t^2 cannot be skipped and are computed too, raising t;
     3. every other frequency is skipped only where a Cholesky factorization of t^2 I - G_f,
        shifted by a bound of all rounding errors, succeeds (``_certified_below``): then all
-       its values are <= t, so the top k are among the values computed. Where it fails, the
-       frequency is computed by SVD. t only grows, so earlier certificates stay valid.
+       its values are <= t, so the top k are among the values computed. Where it fails, it is
+       tried again at the t of that moment (in order of rho) and computed by SVD if it fails
+       again. t only grows, so earlier certificates stay valid.
     """
     ops = ops or _NumpyOps(1)
     small_grid = tuple(n // s for n, s in zip(grid, strides, strict=True))
-    stack = symbol_matrices(kernels, grid, strides, dilations, "float64", ops)
     per_frequency = np.tile(frequency_multiplicities(small_grid).ravel(), kernels.shape[0])
-    p, q = stack.shape[-2:]
-    r = min(p, q)
-    if r == 1:
+    g, c_out, c_in = kernels.shape[:3]
+    if min(c_out, c_in * math.prod(strides)) == 1:
+        stack = symbol_matrices(kernels, grid, strides, dilations, "float64", ops)
         values = _batched_values(stack, "svd", ops).ravel()
         return (*top_k_of(values, per_frequency, k), stack.shape[0])
-    grams = _conj_grams(stack, ops)
-    rho = _power_lower_bounds(grams)
+    poly = gram_polynomial(kernels, grid, strides, dilations)
+    n_freq = poly.n_freq
+    count = g * n_freq
+    # Pieces never cross groups; at least deltas/4 frequencies each, so that reading the
+    # coefficients again per piece stays small beside the Grams it yields.
+    # And at least one piece per thread.
+    size = max(_PIECE_BYTES // (16 * poly.r * poly.r), -(-poly.coefficients.shape[1] // 4))
+    size = min(size, -(-n_freq // ops.threads))
+    pieces = [(group, np.arange(start, min(start + size, n_freq)))
+              for group in range(g) for start in range(0, n_freq, size)]
+
+    def parallel(fn: Any) -> list[Any]:
+        if ops.threads == 1 or len(pieces) == 1:
+            return [fn(piece) for piece in pieces]
+        with _one_blas_thread(), ThreadPoolExecutor(ops.threads) as pool:
+            return list(pool.map(fn, pieces))
+
+    # Two stages: a few Lanczos steps on every Gram (each step is a memory pass), then more
+    # steps (r // 8: a wrong order costs an SVD, r^3, and Cholesky failures) only on the
+    # frequencies that came out on top.
+    rho = np.concatenate(parallel(
+        lambda piece: _lanczos_lower_bounds(poly.evaluate(*piece), _LANCZOS_STEPS)))
+    steps = min(max(2 * _LANCZOS_STEPS, poly.r // 8), 32)
+    refined = np.zeros(count, dtype=bool)
+
+    def refine(indices: np.ndarray) -> None:
+        indices = indices[~refined[indices]]
+        for group in np.unique(indices // n_freq):
+            mine = indices[indices // n_freq == group]
+            rho[mine] = _lanczos_lower_bounds(poly.evaluate(int(group), mine % n_freq), steps)
+        refined[indices] = True
+
+    refine(np.argsort(-rho, kind="stable")[:max(8, count // 8)])
     order = np.argsort(-rho, kind="stable")
-    done = np.zeros(stack.shape[0], dtype=bool)
+    done = np.zeros(count, dtype=bool)
     found_values: list[np.ndarray] = []
     found_mult: list[np.ndarray] = []
 
     def compute(indices: np.ndarray) -> None:
         if indices.size:
-            values = _batched_values(stack[indices], "svd", ops)
+            symbols = symbols_at(kernels, grid, strides, dilations, indices)
+            values = _batched_values(symbols, "svd", ops)
             found_values.append(values.ravel())
             found_mult.append(np.repeat(per_frequency[indices], values.shape[1]))
             done[indices] = True
@@ -453,14 +684,25 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     t = threshold()
     compute(np.flatnonzero(~done & (rho >= t * t)))
     t = threshold()
-    failed = np.zeros(stack.shape[0], dtype=bool)
 
-    def certify(indices: np.ndarray) -> None:
-        for f in indices:
-            failed[f] = not _certified_below(grams[f], t * t, max(p, q))
+    def certify(piece: tuple[int, np.ndarray]) -> np.ndarray:
+        group, freqs = piece
+        freqs = freqs[~done[group * n_freq + freqs]]
+        if freqs.size == 0:
+            return freqs
+        grams = poly.evaluate(group, freqs)
+        return group * n_freq + freqs[_uncertified(grams, t * t, poly.inner,
+                                                   float(poly.errors[group]))]
 
-    _map_chunks(ops, stack.shape[0], lambda part: certify(part[~done[part]]))
-    compute(np.flatnonzero(failed))
+    failed = np.concatenate(parallel(certify))
+    refine(failed)  # these hold the maximum: order them well before any SVD
+    order = np.argsort(-rho, kind="stable")
+    for f in order[np.isin(order, failed)]:  # most promising first: each SVD raises t most
+        group, freq = divmod(int(f), n_freq)
+        gram = poly.evaluate(group, np.array([freq]))[0]
+        if not _certified_below(gram, t * t, poly.inner, float(poly.errors[group])):
+            compute(np.array([f]))
+            t = threshold()
     values, mult = top_k_of(np.concatenate(found_values), np.concatenate(found_mult), k)
     return values, mult, int(done.sum())
 
