@@ -332,13 +332,19 @@ def _tap_layout(kernel_shape: tuple[int, ...], strides: tuple[int, ...],
 class GramPolynomial:
     """The Grams of all half-grid symbols as a matrix trigonometric polynomial in f.
 
-    ``coefficients`` (groups, deltas, r*r) real; ``cos``/``sin`` (frequencies, deltas) the
-    real and imaginary parts of the phases; ``errors[g]`` bounds ||computed - exact||_2 of
-    every Gram of group g as ``evaluate`` computes it; ``inner`` is the longest
-    floating-point sum involved.
+    C_{-delta} = C_delta^T and the phase of -delta is the conjugate of that of delta, so
+    G(f) = C_0 + sum_{delta > 0} cos_delta (C_delta + C_delta^T)
+               + i sin_delta (C_delta - C_delta^T):
+    ``real`` (groups, deltas // 2 + 1, r*r) holds the symmetric combinations (C_0 last),
+    ``imag`` (groups, deltas // 2, r*r) the antisymmetric ones, ``cos``/``sin``
+    (frequencies, same) the real and imaginary parts of the phases of the deltas > 0 (in C
+    order of the delta box, its first half; then delta 0 for ``cos``). Half the products of
+    summing over all deltas. ``errors[g]`` bounds ||computed - exact||_2 of every Gram of
+    group g as ``evaluate`` computes it; ``inner`` is the longest floating-point sum involved.
     """
 
-    coefficients: np.ndarray
+    real: np.ndarray
+    imag: np.ndarray
     cos: np.ndarray
     sin: np.ndarray
     errors: np.ndarray
@@ -349,14 +355,23 @@ class GramPolynomial:
     def n_freq(self) -> int:
         return self.cos.shape[0]
 
+    def single(self) -> GramPolynomial:
+        """The same polynomial in float32 (its Grams complex64, ``errors`` not valid for
+        them): for estimates that only order the frequencies, at half the memory traffic."""
+        return GramPolynomial(*(a.astype(np.float32) for a in (
+            self.real, self.imag, self.cos, self.sin)), self.errors, self.inner, self.r)
+
     def evaluate(self, group: int, freqs: np.ndarray | slice) -> np.ndarray:
         """Grams (len(freqs), r, r) complex of one group: two real GEMMs written in place
         (the coefficients are real). Cheap enough (deltas x r^2 per frequency) to redo in
         cache-sized pieces rather than keep the whole stack in memory."""
         cos, sin = self.cos[freqs], self.sin[freqs]
-        grams = np.empty((cos.shape[0], self.r * self.r), dtype=np.complex128)
-        np.matmul(cos, self.coefficients[group], out=grams.real)
-        np.matmul(sin, self.coefficients[group], out=grams.imag)
+        grams = np.empty((cos.shape[0], self.r * self.r), dtype=np.result_type(cos, 1j))
+        np.matmul(cos, self.real[group], out=grams.real)
+        if sin.shape[1]:
+            np.matmul(sin, self.imag[group], out=grams.imag)
+        else:  # a 1-tap reach: no delta > 0
+            grams.imag = 0.0
         return grams.reshape(-1, self.r, self.r)
 
 
@@ -371,7 +386,7 @@ def gram_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int
     """
     poly = gram_polynomial(kernels, grid, strides, dilations)
     grams = np.concatenate([poly.evaluate(group, slice(None))
-                            for group in range(poly.coefficients.shape[0])])
+                            for group in range(poly.real.shape[0])])
     return grams, poly.errors, poly.inner
 
 
@@ -430,15 +445,17 @@ def gram_polynomial(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
                     b = taps[j]
                     product = row[:, (j - i) * size:(j - i + 1) * size]
                     here = tuple(offset[a] - offset[b] + reach - 1)
-                    mirror = tuple(offset[b] - offset[a] + reach - 1)
                     if left:
                         rows_a = rows_b = slice(None)
                     else:
                         rows_a = slice(component[a] * c_in, (component[a] + 1) * c_in)
                         rows_b = slice(component[b] * c_in, (component[b] + 1) * c_in)
-                    coefficients[(group, *here, rows_a, rows_b)] += product
-                    if i != j:
-                        coefficients[(group, *mirror, rows_b, rows_a)] += product.T
+                    # Only D_delta += W_a W_b^T here; the mirrored term W_b W_a^T of
+                    # C_{-delta} is D_delta^T, added once per delta below (a transposed add
+                    # per pair cost more than the products at 512 channels). A pair with
+                    # itself is symmetric: half of it in D, half in D^T (halving is exact).
+                    coefficients[(group, *here, rows_a, rows_b)] += (
+                        product if i != j else 0.5 * product)
     # Phases (deltas, frequencies): exp(-2 pi i ((delta f) mod N) / N), integers reduced first.
     phases = np.ones((1, 1), dtype=np.complex128)
     for j, (n, q) in enumerate(zip(small, reach, strict=True)):
@@ -452,12 +469,25 @@ def gram_polynomial(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     bound = np.sum(magnitude**2, axis=(1, 2, 3))
     # Per entry: a dot product (c_in or c_out terms), summed over at most n_taps pairs with
     # that delta, then over the deltas; +64 covers the complex phases (each a few ulps).
-    inner = (c_in if left else c_out) + n_taps + math.prod(deltas) + 64
+    # +2: the folded coefficients (D_delta +- D_{-delta}) +- transpose are two more additions.
+    inner = (c_in if left else c_out) + n_taps + math.prod(deltas) + 64 + 2
     gamma = 2 * inner * _UNIT_ROUNDOFF / (1 - 2 * inner * _UNIT_ROUNDOFF)
     errors = 2 * gamma * bound  # x2: the norms themselves are computed in floating point
-    return GramPolynomial(coefficients.reshape(g, -1, r * r),
-                          np.ascontiguousarray(phases.real.T),
-                          np.ascontiguousarray(phases.imag.T), errors, inner, r)
+    # Fold delta with -delta: in C order over the symmetric delta box, -delta sits at the
+    # mirrored flat index, and the middle one is delta = 0. With C_delta = D_delta +
+    # D_{-delta}^T: C_delta + C_delta^T = S + S^T for S = D_delta + D_{-delta}, and
+    # C_delta - C_delta^T = A - A^T for A = D_delta - D_{-delta}; C_0 = D_0 + D_0^T.
+    coefficients = coefficients.reshape(g, -1, r, r)
+    half = coefficients.shape[1] // 2
+    positive = coefficients[:, :half]
+    negative = coefficients[:, :half:-1]  # the mirror of each, in the same order
+    both = np.concatenate([positive + negative, coefficients[:, half:half + 1]], axis=1)
+    real = both + both.swapaxes(-1, -2)
+    imag = positive - negative
+    imag -= imag.swapaxes(-1, -2).copy()
+    return GramPolynomial(real.reshape(g, half + 1, r * r), imag.reshape(g, half, r * r),
+                          np.ascontiguousarray(phases.real.T[:, :half + 1]),
+                          np.ascontiguousarray(phases.imag.T[:, :half]), errors, inner, r)
 
 
 def symbols_at(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
@@ -496,11 +526,12 @@ def _lanczos_lower_bounds(grams: np.ndarray, steps: int = _LANCZOS_STEPS) -> np.
     count, r = grams.shape[:2]
     steps = min(steps, r)
     start = np.random.default_rng(0).standard_normal(r) + 1j  # deterministic, generic
-    q = np.broadcast_to(start / np.linalg.norm(start), (count, r)).copy()
-    basis = np.empty((steps, count, r), dtype=np.complex128)
+    # In the Grams' precision (complex64 from ``GramPolynomial.single``: only an order).
+    q = np.broadcast_to(start / np.linalg.norm(start), (count, r)).astype(grams.dtype)
+    basis = np.empty((steps, count, r), dtype=grams.dtype)
     alpha = np.zeros((count, steps))
     beta = np.zeros((count, steps))
-    tiny = np.finfo(float).tiny
+    tiny = np.finfo(grams.real.dtype).tiny
     m = 0
     for m in range(steps):
         basis[m] = q
@@ -514,7 +545,7 @@ def _lanczos_lower_bounds(grams: np.ndarray, steps: int = _LANCZOS_STEPS) -> np.
         if m + 1 == steps:
             break
         beta[:, m] = norm
-        q = w / np.maximum(norm, tiny)[:, None]
+        q = (w / np.maximum(norm, tiny)[:, None]).astype(grams.dtype, copy=False)
     size = m + 1
     tri = np.zeros((count, size, size))
     idx = np.arange(size)
@@ -577,10 +608,14 @@ def _uncertified(grams: np.ndarray, bound: float, inner: int, gram_error: float)
     The same test as ``_certified_below`` (same shifts, the same LAPACK Cholesky through
     ``np.linalg.cholesky``), batched: one call factors the whole stack and succeeds only if
     every matrix is positive definite, the common case (one frequency holds the maximum, the
-    rest are below it). Where the batch fails, each matrix is tested alone.
+    rest are below it). Where the batch fails, each matrix is tested alone. Matrices larger
+    than ``_BATCHED_CHOLESKY_MAX`` are always tested alone: NumPy's batched call copies each
+    into Fortran order first, which cost more than the loop (no copy: the conjugate
+    transpose is already in Fortran order) at r = 512 (9.0 against 7.1 ms on one BLAS
+    thread; the batch won at r <= 256), and a failure costs no second pass.
     """
     mu = _shifts(grams, bound, inner, np.full(grams.shape[0], gram_error))
-    if (mu > 0).all():
+    if grams.shape[-1] <= _BATCHED_CHOLESKY_MAX and (mu > 0).all():
         shifted = -grams
         diagonal = np.arange(grams.shape[-1])
         shifted[:, diagonal, diagonal] += mu[:, None]
@@ -591,6 +626,9 @@ def _uncertified(grams: np.ndarray, bound: float, inner: int, gram_error: float)
             pass
     return np.array([i for i in range(grams.shape[0])
                      if not _certified_below(grams[i], bound, inner, gram_error)], dtype=np.int64)
+
+
+_BATCHED_CHOLESKY_MAX = 384
 
 
 # Grams are evaluated, screened and certified in pieces of about this many bytes per thread
@@ -605,18 +643,20 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
 
     Returns (values, multiplicities, how many of the half-grid symbols were decomposed).
 
-    Same values as ``top_k_of(*circulant_spectrum(...), k)`` (float64, SVD where it computes)
+    Same values as ``top_k_of(*circulant_spectrum(...), k)`` (float64; where it computes,
+    the top of the Gram's spectrum, SVD for values below 1e-2 of their frequency's largest)
     but a frequency is skipped when its symbol is proven to have no value above the k-th
     largest value found so far, t:
     1. the Gram of every symbol on its smaller side, straight from the kernel
        (``gram_polynomial``: a trigonometric polynomial, GEMM speed), and a few batched Lanczos
        steps give estimates rho_f <= sigma_max(f)^2, used only to order the frequencies;
-    2. the SVD of the top frequencies (as many as their multiplicities need to reach k) gives
+    2. the top k values of the top frequencies (as many as their multiplicities need to reach
+       k; ``_top_singular_values``) give
        t; the ones with rho_f >= t^2 cannot be skipped and are computed too, raising t;
     3. every other frequency is skipped only where a Cholesky factorization of t^2 I - G_f,
        shifted by a bound of all rounding errors, succeeds (``_certified_below``): then all
        its values are <= t, so the top k are among the values computed. Where it fails, it is
-       tried again at the t of that moment (in order of rho) and computed by SVD if it fails
+       tried again at the t of that moment (in order of rho) and computed if it fails
        again. t only grows, so earlier certificates stay valid.
     """
     ops = ops or _NumpyOps(1)
@@ -633,7 +673,7 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     # Pieces never cross groups; at least deltas/4 frequencies each, so that reading the
     # coefficients again per piece stays small beside the Grams it yields.
     # And at least one piece per thread.
-    size = max(_PIECE_BYTES // (16 * poly.r * poly.r), -(-poly.coefficients.shape[1] // 4))
+    size = max(_PIECE_BYTES // (16 * poly.r * poly.r), -(-poly.real.shape[1] // 2))
     size = min(size, -(-n_freq // ops.threads))
     pieces = [(group, np.arange(start, min(start + size, n_freq)))
               for group in range(g) for start in range(0, n_freq, size)]
@@ -647,8 +687,11 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     # Two stages: a few Lanczos steps on every Gram (each step is a memory pass), then more
     # steps (r // 8: a wrong order costs an SVD, r^3, and Cholesky failures) only on the
     # frequencies that came out on top.
+    # Estimates that only order the frequencies: in float32 (half the memory traffic; an
+    # error there costs time, never exactness; checked against float64 on ResNet-50).
+    rough = poly.single()
     rho = np.concatenate(parallel(
-        lambda piece: _lanczos_lower_bounds(poly.evaluate(*piece), _LANCZOS_STEPS)))
+        lambda piece: _lanczos_lower_bounds(rough.evaluate(*piece), _LANCZOS_STEPS)))
     steps = min(max(2 * _LANCZOS_STEPS, poly.r // 8), 32)
     refined = np.zeros(count, dtype=bool)
 
@@ -656,6 +699,8 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
         indices = indices[~refined[indices]]
         for group in np.unique(indices // n_freq):
             mine = indices[indices // n_freq == group]
+            # float64: float32 lost the orthogonality of this longer basis (Ritz values 6x
+            # lambda_max seen on a 512-wide stride-2 layer)
             rho[mine] = _lanczos_lower_bounds(poly.evaluate(int(group), mine % n_freq), steps)
         refined[indices] = True
 
@@ -666,12 +711,17 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     found_mult: list[np.ndarray] = []
 
     def compute(indices: np.ndarray) -> None:
-        if indices.size:
-            symbols = symbols_at(kernels, grid, strides, dilations, indices)
-            values = _batched_values(symbols, "svd", ops)
-            found_values.append(values.ravel())
-            found_mult.append(np.repeat(per_frequency[indices], values.shape[1]))
-            done[indices] = True
+        # Only a frequency's k largest values can be among the operator's k largest (each
+        # carries multiplicity >= 1): the top of its Gram's spectrum, SVD where that is not
+        # accurate enough (``_top_singular_values``).
+        for f in indices:
+            group, freq = divmod(int(f), n_freq)
+            values = _top_singular_values(
+                poly.evaluate(group, np.array([freq]))[0], k,
+                lambda f=f: symbols_at(kernels, grid, strides, dilations, np.array([f]))[0])
+            found_values.append(values)
+            found_mult.append(np.full(values.size, per_frequency[f]))
+            done[f] = True
 
     def threshold() -> float:
         values, mult = top_k_of(np.concatenate(found_values), np.concatenate(found_mult), k)
@@ -682,7 +732,9 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     first = int(np.searchsorted(np.cumsum(per_frequency[order]), k)) + 1
     compute(order[:first])
     t = threshold()
-    compute(np.flatnonzero(~done & (rho >= t * t)))
+    # Those certainly above t (rho is a float32 estimate: a relative margin well above its
+    # rounding, so that near-ties are left to the certificate rather than computed).
+    compute(np.flatnonzero(~done & (rho >= t * t * (1 + 1e-4))))
     t = threshold()
 
     def certify(piece: tuple[int, np.ndarray]) -> np.ndarray:
@@ -705,6 +757,49 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
             t = threshold()
     values, mult = top_k_of(np.concatenate(found_values), np.concatenate(found_mult), k)
     return values, mult, int(done.sum())
+
+
+# A value the Gram gives is used only down to this fraction of its matrix's largest value:
+# lambda = sigma^2 carries an absolute error ~ r u lambda_max, so sigma keeps an error below
+# ~ r u sigma_max^2 / sigma, under 1e-12 sigma_max here; smaller values come from an SVD.
+_GRAM_ACCURATE = 1e-2
+
+
+def _top_singular_values(gram: np.ndarray, k: int, matrix: Any) -> np.ndarray:
+    """The k largest singular values (descending) of a matrix given its Gram on the smaller side.
+
+    The top of the Gram's spectrum only (LAPACK ``*evx`` with an index range: one Hermitian
+    tridiagonal reduction, 4/3 r^3 flops, against a full SVD of the possibly much taller
+    matrix). Exact for values >= ``_GRAM_ACCURATE`` * sigma_max; where the k-th is smaller,
+    ``matrix()`` (a callable: building it may cost) is decomposed by SVD instead.
+    """
+    from scipy.linalg import eigh
+
+    r = gram.shape[-1]
+    k = min(k, r)
+    eigenvalues = eigh(gram, eigvals_only=True, subset_by_index=[r - k, r - 1], driver="evx",
+                       check_finite=False)
+    values = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
+    if values[-1] >= _GRAM_ACCURATE * values[0]:
+        return values
+    return np.linalg.svd(matrix(), compute_uv=False)[:k]
+
+
+def _pointwise_top_k(kernels: np.ndarray, strides: tuple[int, ...], small_grid: tuple[int, ...],
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel size 1, top k: the k largest singular values of each group's weight matrix, from
+    its Gram on the smaller side (``_top_singular_values``), multiplicity prod(n/s). The
+    polyphase zero columns add only zero values, which never beat these unless the matrix has
+    fewer than k values: then zeros fill up (``top_k_of`` trims)."""
+    g, c_out, c_in = kernels.shape[:3]
+    found = []
+    for matrix in np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in):
+        gram = matrix.T @ matrix if c_out >= c_in else matrix @ matrix.T
+        found.append(_top_singular_values(gram, k, lambda matrix=matrix: matrix))
+    values = np.concatenate(found)
+    extra = min(k, min(c_out, c_in * math.prod(strides))) - min(k, c_out, c_in)
+    values = np.concatenate([values, np.zeros(g * extra)])
+    return values, np.full(values.size, math.prod(small_grid), dtype=np.int64)
 
 
 def _half_grid_size(grid: tuple[int, ...], strides: tuple[int, ...]) -> int:
@@ -785,10 +880,16 @@ class FftCirculantBackend(Backend):
         else:
             kernels, grid, strides, dilations = conv_form(layer)
             small = "x".join(str(n // s) for n, s in zip(grid, strides, strict=True))
-            if self._certified_top_k(kernels, grid, request, ops):
+            if self._pointwise_top_k(kernels, request, ops):
+                values, multiplicities = _pointwise_top_k(
+                    kernels, strides, tuple(n // s for n, s in zip(grid, strides, strict=True)),
+                    request.top_k)
+                note = (f"top-{request.top_k} of the weight matrix (1x1 kernel: the same at "
+                        f"every frequency of {small})")
+            elif self._certified_top_k(kernels, grid, request, ops):
                 values, multiplicities, computed = circulant_top_k(
                     kernels, grid, strides, dilations, request.top_k, ops)
-                note = (f"certified top-{request.top_k} on the half grid of {small}: svd of "
+                note = (f"certified top-{request.top_k} on the half grid of {small}: decomposed "
                         f"{computed} of {kernels.shape[0] * _half_grid_size(grid, strides)} "
                         "symbols, the rest proven smaller")
             else:
@@ -825,6 +926,16 @@ class FftCirculantBackend(Backend):
             return False  # one SVD of the weight: nothing to skip
         g, c_out, c_in = kernels.shape[:3]
         return request.top_k * 8 <= g * min(c_out, c_in) * math.prod(grid)
+
+    @staticmethod
+    def _pointwise_top_k(kernels: np.ndarray, request: Request, ops: Any) -> bool:
+        """Whether to take the top-k path of a 1x1 kernel: few values of a matrix (at most
+        half of them: beyond that a full SVD costs about the same), on the NumPy path."""
+        if request.top_k is None or not isinstance(ops, _NumpyOps):
+            return False
+        g, c_out, c_in = kernels.shape[:3]
+        return (all(k == 1 for k in kernels.shape[3:]) and g <= 64
+                and 2 * request.top_k <= min(c_out, c_in))
 
     def _ops(self, request: Request) -> Any:
         if request.device == "cuda":
