@@ -103,6 +103,10 @@ def test_initializer_and_constant_weights_give_the_same_numbers(tmp_path: Path) 
     assert frames[0].sigma_max.tolist() == frames[1].sigma_max.tolist()
     stored = specprof.query(db=db, backend="exact", values=True)
     assert len(stored) == 4
+    # Ids straight from the DataFrame (numpy integers) load the same values.
+    values = specprof.load_spectrum(stored.spectrum_id.iloc[0], db=db)
+    assert values.tolist() == stored.singular_values.iloc[0]
+    assert len(values) == stored.n_values.iloc[0]
 
 
 def test_torch_module_through_the_python_api(db_url: str) -> None:
