@@ -17,7 +17,6 @@ import importlib.metadata
 import importlib.resources
 import json
 import math
-import operator
 import os
 import re
 import socket
@@ -172,12 +171,6 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _ident(value: Any) -> Any:
-    """A row id as a Python int (ids often come from a DataFrame as numpy integers, which the
-    database drivers do not take); None stays None."""
-    return None if value is None else operator.index(value)
-
-
 def glob_to_like(pattern: str) -> str:
     """An fnmatch-style glob (``*``, ``?``) as a SQL LIKE pattern with ``\\`` as the escape."""
     special = {"*": "%", "?": "_", "%": "\\%", "_": "\\_", "\\": "\\\\"}
@@ -307,19 +300,40 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars, also inside dicts, lists and tuples, as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(item) for item in value)
+    return value
+
+
+def _plain_parameters(_connection: Connection, _cursor: Any, statement: str, parameters: Any,
+                      _context: Any, _executemany: bool) -> tuple[str, Any]:
+    """numpy scalars in bound parameters as Python numbers. Ids often come from a query
+    DataFrame as numpy integers, which the drivers do not take (sqlite3 would even bind an
+    ``np.int64`` as an 8-byte blob and silently match nothing)."""
+    return statement, _plain(parameters)
+
+
 def _create_engine(url: URL) -> Engine:
     if url.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
         _configure_sqlite(engine)
-        return engine
-    connect_args: dict[str, Any] = {}
-    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
-        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
-    try:
-        return create_engine(url, connect_args=connect_args, pool_pre_ping=True)
-    except (NoSuchModuleError, ModuleNotFoundError) as error:
-        raise StoreError(f"no database driver for {url.drivername}: {error}",
-                         "for PostgreSQL run: pip install 'specprof[postgres]'") from error
+    else:
+        connect_args: dict[str, Any] = {}
+        if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        try:
+            engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        except (NoSuchModuleError, ModuleNotFoundError) as error:
+            raise StoreError(f"no database driver for {url.drivername}: {error}",
+                             "for PostgreSQL run: pip install 'specprof[postgres]'") from error
+    event.listen(engine, "before_cursor_execute", _plain_parameters, retval=True)
+    return engine
 
 
 # --- schema state ------------------------------------------------------------------------------
@@ -542,7 +556,6 @@ class Store:
 
     def load_spectrum(self, spectrum_id: int) -> Spectrum:
         """The stored spectrum ``spectrum_id`` with its values, multiplicities and vectors."""
-        spectrum_id = _ident(spectrum_id)
         with self._guarded("read"), self._read() as session:
             row = session.get(SpectrumRow, spectrum_id)
         if row is None:
@@ -565,7 +578,6 @@ class Store:
         columns (``"sigma_max > 3 and stable_rank <= 10"``, see ``parse_where``); ``sort`` names
         a column to order by first, descending with a leading ``-`` (``"-sigma_max"``).
         """
-        run = _ident(run)
         filters = _query_filters(model, layer, backend, kind, run)
         filters += [_comparison(column, op, number) for column, op, number in parse_where(where)]
         stmt = _query_statement(values).where(*filters)
@@ -616,7 +628,6 @@ class Store:
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         """Everything recorded about one run: model, status, config, versions, host, times."""
-        run_id = _ident(run_id)
         with self._guarded("read"), self._read() as session:
             found = session.execute(select(RunRow, ModelRow.name)
                                     .join(ModelRow, RunRow.model_id == ModelRow.id)
@@ -643,7 +654,6 @@ class Store:
                         kind: str | None = None) -> list[tuple[dict[str, Any], Spectrum]]:
         """The ok spectra of a run by layer position: (layer row as a dict, plus its
         ``spectrum_id``; the decoded Spectrum). What analyzers read."""
-        run_id = _ident(run_id)
         stmt = (select(SpectrumRow, LayerRow).join(LayerRow, SpectrumRow.layer_id == LayerRow.id)
                 .where(SpectrumRow.run_id == run_id, SpectrumRow.status == "ok"))
         if backend is not None:
@@ -687,7 +697,6 @@ class Store:
         """Stored analysis metrics, newest run first then by layer position: columns
         analysis_id, run, model, layer, layer_index, analyzer, params, created_at, then one
         column per metric key (``model`` is a glob)."""
-        run = _ident(run)
         a = AnalysisRow
         stmt = (select(a.id.label("analysis_id"), a.run_id.label("run"),
                        ModelRow.name.label("model"), LayerRow.name.label("layer"),
@@ -742,7 +751,6 @@ class Store:
     def hypergraphs(self, *, run: int | None = None, analyzer: str | None = None) -> pd.DataFrame:
         """Stored hypergraphs without their (big) JSON: hypergraph_id, run, model, analyzer,
         name, params, created_at; newest first."""
-        run = _ident(run)
         h = HypergraphRow
         stmt = (select(h.id.label("hypergraph_id"), h.run_id.label("run"),
                        ModelRow.name.label("model"), h.analyzer, h.name, h.params, h.created_at)
@@ -760,7 +768,6 @@ class Store:
 
     def load_hypergraph(self, hypergraph_id: int) -> dict[str, Any]:
         """Every field of one stored hypergraph."""
-        hypergraph_id = _ident(hypergraph_id)
         with self._guarded("read"), self._read() as session:
             row = session.get(HypergraphRow, hypergraph_id)
         if row is None:
@@ -830,7 +837,6 @@ class Store:
     def delete(self, *, run: int | None = None, model: str | None = None) -> dict[str, int]:
         """Delete one run, or every model named ``model`` (exact name) with its layers, runs and
         results, in one transaction; returns how many runs and results went."""
-        run = _ident(run)
         if (run is None) == (model is None):
             raise StoreError("delete needs exactly one of a run id or a model name",
                              "pass --run ID or --model NAME")
@@ -859,7 +865,6 @@ class Store:
     def export_run(self, run_id: int) -> dict[str, Any]:
         """A whole run (model, layers, results, analyses, hypergraphs) as one JSON document
         following ``schemas/run-export.schema.json``; arrays are base64 of their bytes."""
-        run_id = _ident(run_id)
         with self._guarded("read"), self._read() as session:
             run = session.get(RunRow, run_id)
             if run is None:
