@@ -94,8 +94,8 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
             db: str | None = None, input_shape: str | Sequence[int] | None = None,
             boundary: BoundaryChoice = "model", device: str = "cpu", top_k: int | None = None,
             precision: str = "float64", max_dense: int = 4096, force: bool = False,
-            resume: bool = False, format: str | None = None, model_class: str | None = None, name: str | None = None,
-            on_layer: Callable[[LayerOutcome], None] | None = None,
+            resume: bool = False, format: str | None = None, model_class: str | None = None,
+            name: str | None = None, on_layer: Callable[[LayerOutcome], None] | None = None,
             fold_batchnorm: bool = False, skip_unsupported: bool = False) -> pd.DataFrame:
     """Profile every linear layer of ``model`` and store the run; returns the per-layer table.
 
@@ -110,10 +110,10 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
                            precision=precision,  # type: ignore[arg-type]
                            max_dense=max_dense, force=force, resume=resume)
     registry = Registry.from_manager()
+    validate_backends(config.backends, registry)  # before a possibly slow import
     loaded = load_model(model, format=format, input_shape=input_shape, model_class=model_class,
                         name=name, registry=registry, fold_batchnorm=fold_batchnorm,
                         skip_unsupported=skip_unsupported)
-    validate_backends(config.backends, registry)
     with Store.open(db) as store:
         result = profile_model(loaded, config, store, registry, on_layer=on_layer)
     return outcomes_frame(result.run_id, result.outcomes)

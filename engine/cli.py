@@ -63,16 +63,37 @@ def emit(frame: Any, fmt: str, title: str = "", columns: list[str] | None = None
         _print_table(frame, title)
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _number(value: Any, fmt: str) -> str:
+    return "" if _missing(value) else format(value, fmt)
+
+
+def _bounds(lower: Any, upper: Any) -> str:
+    """``[lower, upper]`` of a spectral norm, or '' when the backend gave no bounds."""
+    if _missing(lower) and _missing(upper):
+        return ""
+    return f"[{_number(lower, '.4g')}, {_number(upper, '.4g')}]"
+
+
+def _print_wide(table: Any) -> None:
+    """Print a rich table at least 120 columns wide, also when stdout is not a terminal."""
+    from rich.console import Console
+
+    Console(width=max(120, Console().width)).print(table)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4g}"
+        return _number(value, ".4g")
     if isinstance(value, list):
         return f"[{len(value)} values]"
     return "" if value is None else str(value)
 
 
 def _print_table(frame: Any, title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title or None, title_justify="left")
@@ -86,7 +107,7 @@ def _print_table(frame: Any, title: str) -> None:
         if layer_column >= 0:
             cells[layer_column] = short_name(cells[layer_column])
         table.add_row(*cells)
-    Console(width=max(120, Console().width)).print(table)
+    _print_wide(table)
 
 
 @click.group(cls=SpecprofGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,8 +192,7 @@ def short_name(name: str) -> str:
 
 
 def _print_profile_table(frame: Any, title: str) -> None:
-    """The per-layer table of a run, compact enough for an 100-column terminal."""
-    from rich.console import Console
+    """The per-layer table of a run, compact enough for a 120-column terminal."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -184,8 +204,7 @@ def _print_profile_table(frame: Any, title: str) -> None:
                          no_wrap=name not in ("layer", "op", "why"), overflow="fold")
     for row in frame.itertuples(index=False):
         ok = row.status in ("ok", "reused")
-        bounds = ("" if math.isnan(row.lower_bound) and math.isnan(row.upper_bound)
-                  else f"[{row.lower_bound:.4g}, {row.upper_bound:.4g}]")
+        bounds = _bounds(row.lower_bound, row.upper_bound)
         backend = row.backend if row.status == "ok" else f"{row.backend} ({row.status})"
         table.add_row(
             str(row.index), short_name(row.layer), row.shape,
@@ -193,7 +212,7 @@ def _print_profile_table(frame: Any, title: str) -> None:
             f"{row.sigma_max:.4g}" if ok else "", f"{row.sigma_min:.4g}" if ok else "",
             str(row.n_values) if ok else "", bounds,
             f"{row.seconds:.2f} s" if row.status == "ok" else "", row.reason)
-    Console(width=max(120, Console().width)).print(table)
+    _print_wide(table)
 
 
 @cli.command()
@@ -240,7 +259,6 @@ def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int
 
 
 def _print_compare_table(frame: Any, title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -253,8 +271,7 @@ def _print_compare_table(frame: Any, title: str) -> None:
         backend = row.backend + (f" ({row.boundary})" if row.fallback else "")
         if row.status not in ("ok", "reused"):
             backend += f" ({row.status})"
-        bounds = ("" if _missing(row.lower_bound) and _missing(row.upper_bound)
-                  else f"[{_number(row.lower_bound, '.4g')}, {_number(row.upper_bound, '.4g')}]")
+        bounds = _bounds(row.lower_bound, row.upper_bound)
         brackets = "" if _missing(row.brackets) else ("yes" if row.brackets else "[red]NO[/]")
         first = row.index != previous
         seconds = "" if _missing(row.seconds) else f"{row.seconds:.3f} s"
@@ -262,18 +279,10 @@ def _print_compare_table(frame: Any, title: str) -> None:
                       backend, _number(row.sigma_max, ".6g"), _number(row.rel_error, ".2%"),
                       _number(row.spectrum_error, ".2%"), bounds, brackets, seconds)
         previous = row.index
-    Console(width=max(120, Console().width)).print(table)
+    _print_wide(table)
     _console().print("rel. error: |σ_max - exact| / exact;  all values: mean |σ_i - exact_i| / "
                      "exact σ_max;  (circular): the backend answers the periodic operator only",
                      highlight=False)
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _number(value: Any, fmt: str) -> str:
-    return "" if _missing(value) else format(value, fmt)
 
 
 def _warn(warnings: tuple[str, ...], quiet: bool) -> None:
