@@ -90,6 +90,8 @@ class Registry:
     backends: dict[str, type[Backend]] = field(default_factory=dict)
     analyzers: dict[str, type[Analyzer]] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+    _instances: dict[str, Backend] = field(default_factory=dict, repr=False)
+    """Backends already checked and built: a run asks for them once per layer."""
 
     @classmethod
     def from_manager(cls, pm: pluggy.PluginManager | None = None) -> Registry:
@@ -119,14 +121,18 @@ class Registry:
         if name not in self.backends:
             known = ", ".join(sorted(self.backends)) or "none"
             raise SpecprofError(f"unknown backend '{name}'", f"choose one of: auto, {known}")
-        backend_class = self.backends[name]
-        support = backend_class.available()
-        if not support:
-            raise SpecprofError(f"backend '{name}' is unavailable ({support.reason})")
-        return backend_class()
+        if name not in self._instances:
+            backend_class = self.backends[name]
+            support = backend_class.available()
+            if not support:
+                raise SpecprofError(f"backend '{name}' is unavailable ({support.reason})")
+            self._instances[name] = backend_class()
+        return self._instances[name]
 
     def available_backends(self) -> dict[str, Backend]:
-        return {name: cls() for name, cls in sorted(self.backends.items()) if cls.available()}
+        """Instances of every backend whose dependencies are installed, by name."""
+        return {name: self.backend(name) for name, cls in sorted(self.backends.items())
+                if name in self._instances or cls.available()}
 
     def availability(self) -> list[tuple[str, str, Support, str]]:
         """(kind, name, availability, origin) of every registered plugin object."""
