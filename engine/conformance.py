@@ -175,10 +175,9 @@ class BackendConformance:
 
     def _check_filter(self, layer: Layer, spectrum: Spectrum) -> None:
         weight = np.asarray(layer.weight, dtype=np.float64)
-        if layer.op_type == "ConvTranspose":
+        if layer.op_type == "ConvTranspose":  # rows are output channels (zoo: one group)
             weight = np.moveaxis(weight, 1, 0)
-        matrix = weight.reshape(layer.out_channels if layer.op_type != "ConvTranspose"
-                                else weight.shape[0], -1)
+        matrix = weight.reshape(weight.shape[0], -1)
         truth = np.linalg.svd(matrix, compute_uv=False)
         np.testing.assert_allclose(spectrum.expanded(), truth, rtol=0, atol=1e-10 * truth[0])
         if spectrum.left_vectors is not None:

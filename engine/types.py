@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -121,9 +122,11 @@ class Layer:
     def output_size(self) -> int | None:
         return None if self.output_shape is None else math.prod(self.output_shape)
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
-        """sha256 of everything that determines this layer's spectra (not its name)."""
+        """sha256 of everything that determines this layer's spectra (not its name).
+
+        Computed once per layer (the store, dedupe and the model hash all ask for it)."""
         digest = hashlib.sha256()
         digest.update(self.op_type.encode())
         _hash_array(digest, self.weight)
@@ -133,7 +136,7 @@ class Layer:
         digest.update(json.dumps(params).encode())
         return digest.hexdigest()
 
-    @property
+    @cached_property
     def weight_hash(self) -> str:
         digest = hashlib.sha256()
         _hash_array(digest, self.weight)
@@ -288,7 +291,7 @@ class LoadedModel:
         return sum(int(layer.weight.size) + (0 if layer.bias is None else int(layer.bias.size))
                    for layer in self.layers)
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         """sha256 over the layers' content: a re-export with identical weights hashes the same."""
         digest = hashlib.sha256()
