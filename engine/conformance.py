@@ -23,7 +23,7 @@ with one that pushes the identity basis through torch's convolutions).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -183,8 +183,3 @@ class BackendConformance:
         if spectrum.left_vectors is not None:
             u = spectrum.left_vectors
             np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-8)
-
-
-def conformance_layers() -> list[Any]:
-    """The zoo, for third parties who want to run their own extra checks on it."""
-    return list(ZOO)

@@ -768,10 +768,3 @@ def extract_layers(model: onnx.ModelProto, **options: Any) -> tuple[list[Layer],
     """``extract`` for callers that want only the layers and the skipped nodes."""
     result = extract(model, **options)
     return list(result.layers), list(result.skipped)
-
-
-def graph_constants(graph: onnx.GraphProto, base_dir: str = "") -> dict[str, np.ndarray]:
-    """Every value of the main graph that is known without running it, by name."""
-    constants = _Constants(graph, base_dir)
-    values = {name: constants.get(name) for name in constants.names()}
-    return {name: value for name, value in values.items() if value is not None}
