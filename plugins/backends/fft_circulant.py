@@ -38,6 +38,7 @@ was not reliably faster (measured in ``benchmarks/backends.py``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -132,6 +133,16 @@ def _one_blas_thread() -> Any:
     except ImportError:  # optional: only speed depends on it
         return contextlib.nullcontext()
     return threadpool_limits(1, user_api="blas")
+
+
+def _in_threads(calls: list[Any], threads: int) -> list[Any]:
+    """The results of ``calls`` (functions of no argument), run on up to ``threads`` worker
+    threads, taken in list order as threads come free. For NumPy work that releases the GIL;
+    the caller decides how many BLAS threads each gets (``_one_blas_thread``)."""
+    if threads <= 1 or len(calls) <= 1:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(min(threads, len(calls))) as pool:
+        return list(pool.map(lambda call: call(), calls))
 
 
 class _NumpyOps:
@@ -391,15 +402,15 @@ def gram_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int
 
 
 def gram_polynomial(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
-                    dilations: tuple[int, ...]) -> GramPolynomial:
+                    dilations: tuple[int, ...], threads: int = 1) -> GramPolynomial:
     """The Grams of the half-grid symbols on their smaller side (r x r), from the kernel alone.
 
     Why not S_f^H S_f per frequency: the Gram is a trigonometric polynomial in f of small
     degree, G(f) = sum_delta C_delta exp(-2 pi i <f, delta> / N), with real coefficients
     C_delta = sum of W_a W_b^T over tap pairs (a, b) in the same polyphase component whose
     offsets differ by delta (P P^H side; the P^H P side places W_a^T W_b at block (phase a,
-    phase b)). The coefficients cost one real GEMM per tap (against all later taps; independent
-    of the grid), and Grams then come from real products (frequencies x deltas) @ (deltas x
+    phase b)). The coefficients cost one real GEMM per delta (over all its pairs at once;
+    independent of the grid), and Grams then come from real products (frequencies x deltas) @ (deltas x
     r^2), done by ``GramPolynomial.evaluate`` in pieces as they are needed: for a
     64->64 3x3 layer at 56x56, 1624 frequencies share 25 coefficient matrices; for a strided
     512->512 layer it avoids ~60 GFLOP of per-frequency products of 2048-wide symbols.
@@ -423,39 +434,39 @@ def gram_polynomial(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     r = c_out if left else n_phase * c_in
     weights = np.ascontiguousarray(
         np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in, n_taps).transpose(0, 3, 1, 2))
-    coefficients = np.zeros((g, *deltas, r, r))
-    # Taps that meet: P P^H pairs taps of one polyphase component, P^H P pairs all taps.
-    meeting = [np.flatnonzero(component == c) for c in range(n_phase)] if left else [
-        np.arange(n_taps)]
-    for group in range(g):
-        for taps in meeting:
-            if taps.size == 0:
-                continue
-            # The pair products (a <= b) of these taps, one GEMM per tap: W_a times all
-            # later taps stacked (GEMM speed; dsyrk on everything was 2.5x slower here).
-            size = c_out if left else c_in
-            for i, a in enumerate(taps):
-                if left:  # W_a W_b^T: (c_out, c_in) @ (c_in, later taps * c_out)
-                    later = weights[group, taps[i:]].reshape(-1, c_in)
-                    row = weights[group, a] @ later.T
-                else:  # W_a^T W_b: (c_in, c_out) @ (c_out, later taps * c_in)
-                    later = weights[group, taps[i:]].transpose(1, 0, 2).reshape(c_out, -1)
-                    row = weights[group, a].T @ later
-                for j in range(i, taps.size):
-                    b = taps[j]
-                    product = row[:, (j - i) * size:(j - i + 1) * size]
-                    here = tuple(offset[a] - offset[b] + reach - 1)
-                    if left:
-                        rows_a = rows_b = slice(None)
-                    else:
-                        rows_a = slice(component[a] * c_in, (component[a] + 1) * c_in)
-                        rows_b = slice(component[b] * c_in, (component[b] + 1) * c_in)
-                    # Only D_delta += W_a W_b^T here; the mirrored term W_b W_a^T of
-                    # C_{-delta} is D_delta^T, added once per delta below (a transposed add
-                    # per pair cost more than the products at 512 channels). A pair with
-                    # itself is symmetric: half of it in D, half in D^T (halving is exact).
-                    coefficients[(group, *here, rows_a, rows_b)] += (
-                        product if i != j else 0.5 * product)
+    # C_delta for the first half of the delta box (C order) and delta = 0: the rest are
+    # their transposes. Ordered tap pairs (x, y) whose offsets differ by delta; P P^H pairs
+    # only taps of one polyphase component.
+    n_delta = math.prod(deltas)
+    half = n_delta // 2
+    difference = offset[:, None, :] - offset[None, :, :] + reach - 1
+    pair_delta = np.ravel_multi_index(tuple(np.moveaxis(difference, -1, 0)), deltas)
+    if left:
+        pair_delta[component[:, None] != component[None, :]] = -1
+    coefficients = np.zeros((g, half + 1, r, r))
+    by_tap = np.ascontiguousarray(weights.transpose(0, 2, 1, 3)) if left else weights
+
+    def one_delta(j: int) -> None:
+        xs, ys = np.nonzero(pair_delta == j)
+        if left:
+            # One GEMM per delta over all its pairs: [W_x1 W_x2 ...] @ [W_y1 W_y2 ...]^T
+            # (GEMM speed; a GEMM and an add per pair cost 2.5x more at 512 channels).
+            stacked_x = by_tap[:, :, xs].reshape(g, c_out, -1)
+            stacked_y = by_tap[:, :, ys].reshape(g, c_out, -1)
+            np.matmul(stacked_x, stacked_y.swapaxes(-1, -2), out=coefficients[:, j])
+            return
+        # P^H P: W_x^T W_y lands in block (component x, component y).
+        for cx, cy in set(zip(component[xs].tolist(), component[ys].tolist(), strict=True)):
+            mine = (component[xs] == cx) & (component[ys] == cy)
+            stacked_x = weights[:, xs[mine]].reshape(g, -1, c_in)
+            stacked_y = weights[:, ys[mine]].reshape(g, -1, c_in)
+            coefficients[:, j, cx * c_in:(cx + 1) * c_in, cy * c_in:(cy + 1) * c_in] = (
+                stacked_x.swapaxes(-1, -2) @ stacked_y)
+
+    # The deltas with most pairs first, taken by threads as they come free.
+    work = np.bincount(pair_delta[pair_delta >= 0], minlength=n_delta)[:half + 1]
+    _in_threads([lambda j=j: one_delta(int(j)) for j in np.argsort(-work, kind="stable")],
+                threads if r >= 64 else 1)
     # Phases (deltas, frequencies): exp(-2 pi i ((delta f) mod N) / N), integers reduced first.
     phases = np.ones((1, 1), dtype=np.complex128)
     for j, (n, q) in enumerate(zip(small, reach, strict=True)):
@@ -464,27 +475,20 @@ def gram_polynomial(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
         one = np.exp((-2j * np.pi / n) * ((delta[:, None] * freqs[None, :]) % n))
         phases = np.einsum("ab,cd->acbd", phases, one).reshape(
             phases.shape[0] * one.shape[0], -1)
-    magnitude = np.zeros((g, n_phase, c_out, c_in))
-    np.add.at(magnitude, (slice(None), component), np.abs(weights))
-    bound = np.sum(magnitude**2, axis=(1, 2, 3))
-    # Per entry: a dot product (c_in or c_out terms), summed over at most n_taps pairs with
-    # that delta, then over the deltas; +64 covers the complex phases (each a few ulps).
-    # +2: the folded coefficients (D_delta +- D_{-delta}) +- transpose are two more additions.
-    inner = (c_in if left else c_out) + n_taps + math.prod(deltas) + 64 + 2
+    bound = np.zeros(g)
+    for c in range(n_phase):  # ||A_c||_F^2, A_c the sum of |W_a| over the taps of component c
+        bound += np.sum(np.abs(weights[:, component == c]).sum(axis=1) ** 2, axis=(1, 2))
+    # Per entry: one dot product over the pairs of a delta (at most n_taps of them, c_in or
+    # c_out terms each), then a sum over the deltas; +64 covers the complex phases (each a few
+    # ulps); +2: C_delta +- C_delta^T is one more addition (and one spare).
+    inner = n_taps * (c_in if left else c_out) + n_delta + 64 + 2
     gamma = 2 * inner * _UNIT_ROUNDOFF / (1 - 2 * inner * _UNIT_ROUNDOFF)
     errors = 2 * gamma * bound  # x2: the norms themselves are computed in floating point
-    # Fold delta with -delta: in C order over the symmetric delta box, -delta sits at the
-    # mirrored flat index, and the middle one is delta = 0. With C_delta = D_delta +
-    # D_{-delta}^T: C_delta + C_delta^T = S + S^T for S = D_delta + D_{-delta}, and
-    # C_delta - C_delta^T = A - A^T for A = D_delta - D_{-delta}; C_0 = D_0 + D_0^T.
-    coefficients = coefficients.reshape(g, -1, r, r)
-    half = coefficients.shape[1] // 2
+    # G(f) = C_0 + sum_{delta in the first half} cos (C_delta + C_delta^T)
+    #        + i sin (C_delta - C_delta^T), with C_{-delta} = C_delta^T.
     positive = coefficients[:, :half]
-    negative = coefficients[:, :half:-1]  # the mirror of each, in the same order
-    both = np.concatenate([positive + negative, coefficients[:, half:half + 1]], axis=1)
-    real = both + both.swapaxes(-1, -2)
-    imag = positive - negative
-    imag -= imag.swapaxes(-1, -2).copy()
+    real = np.concatenate([positive + positive.swapaxes(-1, -2), coefficients[:, half:]], axis=1)
+    imag = positive - positive.swapaxes(-1, -2)
     return GramPolynomial(real.reshape(g, half + 1, r * r), imag.reshape(g, half, r * r),
                           np.ascontiguousarray(phases.real.T[:, :half + 1]),
                           np.ascontiguousarray(phases.imag.T[:, :half]), errors, inner, r)
@@ -575,17 +579,19 @@ def _certified_below(gram: np.ndarray, bound: float, inner: int,
         lambda_max(G~) <= mu + ||E2|| + u(...), and by Weyl lambda_max(G) <= that + ||E1||.
     mu is ``bound`` minus all these terms (each doubled), so success proves the claim.
     """
-    from scipy.linalg.lapack import zpotrf
-
     mu = _shifts(gram[None], bound, inner,
                  None if gram_error is None else np.array([gram_error]))[0]
     if mu <= 0:
         return False
-    r = gram.shape[0]
-    shifted = -gram.T  # Fortran order for LAPACK (no copy inside); conj(G), same eigenvalues
-    shifted[np.diag_indices(r)] += mu
-    _, info = zpotrf(shifted, lower=0, clean=0, overwrite_a=1)
-    return info == 0
+    shifted = -gram
+    shifted[np.diag_indices(gram.shape[0])] += mu
+    # NumPy's LAPACK Cholesky: it releases the GIL, so worker threads certify in parallel
+    # (SciPy's wrapper holds it).
+    try:
+        np.linalg.cholesky(shifted)
+    except np.linalg.LinAlgError:
+        return False
+    return True
 
 
 def _shifts(grams: np.ndarray, bound: float, inner: int,
@@ -609,10 +615,8 @@ def _uncertified(grams: np.ndarray, bound: float, inner: int, gram_error: float)
     ``np.linalg.cholesky``), batched: one call factors the whole stack and succeeds only if
     every matrix is positive definite, the common case (one frequency holds the maximum, the
     rest are below it). Where the batch fails, each matrix is tested alone. Matrices larger
-    than ``_BATCHED_CHOLESKY_MAX`` are always tested alone: NumPy's batched call copies each
-    into Fortran order first, which cost more than the loop (no copy: the conjugate
-    transpose is already in Fortran order) at r = 512 (9.0 against 7.1 ms on one BLAS
-    thread; the batch won at r <= 256), and a failure costs no second pass.
+    than ``_BATCHED_CHOLESKY_MAX`` are always tested alone: a batch gains nothing there, and a
+    failure costs no second pass.
     """
     mu = _shifts(grams, bound, inner, np.full(grams.shape[0], gram_error))
     if grams.shape[-1] <= _BATCHED_CHOLESKY_MAX and (mu > 0).all():
@@ -628,7 +632,7 @@ def _uncertified(grams: np.ndarray, bound: float, inner: int, gram_error: float)
                      if not _certified_below(grams[i], bound, inner, gram_error)], dtype=np.int64)
 
 
-_BATCHED_CHOLESKY_MAX = 384
+_BATCHED_CHOLESKY_MAX = 256
 
 
 # Grams are evaluated, screened and certified in pieces of about this many bytes per thread
@@ -659,7 +663,17 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
        tried again at the t of that moment (in order of rho) and computed if it fails
        again. t only grows, so earlier certificates stay valid.
     """
-    ops = ops or _NumpyOps(1)
+    # One BLAS thread per worker thread, everywhere below: BLAS threads on top of the worker
+    # threads, or NumPy's and SciPy's two OpenBLAS pools spinning against each other, made
+    # the Cholesky certificates 3-5x slower (measured at r = 256 on 2 cores).
+    with _one_blas_thread():
+        return _top_k_search(kernels, grid, strides, dilations, k, ops or _NumpyOps(1))
+
+
+def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
+                  dilations: tuple[int, ...], k: int,
+                  ops: _NumpyOps) -> tuple[np.ndarray, np.ndarray, int]:
+    """The search of ``circulant_top_k``; parallel work goes to ``ops.threads`` threads."""
     small_grid = tuple(n // s for n, s in zip(grid, strides, strict=True))
     per_frequency = np.tile(frequency_multiplicities(small_grid).ravel(), kernels.shape[0])
     g, c_out, c_in = kernels.shape[:3]
@@ -667,7 +681,7 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
         stack = symbol_matrices(kernels, grid, strides, dilations, "float64", ops)
         values = _batched_values(stack, "svd", ops).ravel()
         return (*top_k_of(values, per_frequency, k), stack.shape[0])
-    poly = gram_polynomial(kernels, grid, strides, dilations)
+    poly = gram_polynomial(kernels, grid, strides, dilations, ops.threads)
     n_freq = poly.n_freq
     count = g * n_freq
     # Pieces never cross groups; at least deltas/4 frequencies each, so that reading the
@@ -679,10 +693,7 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
               for group in range(g) for start in range(0, n_freq, size)]
 
     def parallel(fn: Any) -> list[Any]:
-        if ops.threads == 1 or len(pieces) == 1:
-            return [fn(piece) for piece in pieces]
-        with _one_blas_thread(), ThreadPoolExecutor(ops.threads) as pool:
-            return list(pool.map(fn, pieces))
+        return _in_threads([lambda piece=piece: fn(piece) for piece in pieces], ops.threads)
 
     # Two stages: a few Lanczos steps on every Gram (each step is a memory pass), then more
     # steps (r // 8: a wrong order costs an SVD, r^3, and Cholesky failures) only on the
@@ -786,16 +797,30 @@ def _top_singular_values(gram: np.ndarray, k: int, matrix: Any) -> np.ndarray:
 
 
 def _pointwise_top_k(kernels: np.ndarray, strides: tuple[int, ...], small_grid: tuple[int, ...],
-                     k: int) -> tuple[np.ndarray, np.ndarray]:
+                     k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Kernel size 1, top k: the k largest singular values of each group's weight matrix, from
     its Gram on the smaller side (``_top_singular_values``), multiplicity prod(n/s). The
     polyphase zero columns add only zero values, which never beat these unless the matrix has
-    fewer than k values: then zeros fill up (``top_k_of`` trims)."""
+    fewer than k values: then zeros fill up (``top_k_of`` trims).
+
+    On one BLAS thread (the Gram's columns split over ``threads`` worker threads): NumPy's
+    OpenBLAS threads, still spinning after the product, slowed SciPy's eigensolver on the
+    same cores 2.4x (measured over ResNet-50's 36 pointwise layers)."""
     g, c_out, c_in = kernels.shape[:3]
     found = []
-    for matrix in np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in):
-        gram = matrix.T @ matrix if c_out >= c_in else matrix @ matrix.T
-        found.append(_top_singular_values(gram, k, lambda matrix=matrix: matrix))
+    with _one_blas_thread():
+        for matrix in np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in):
+            tall = matrix if c_out >= c_in else matrix.T
+            gram = np.empty((tall.shape[1], tall.shape[1]))
+
+            def columns(part: slice, tall: np.ndarray = tall, gram: np.ndarray = gram) -> None:
+                gram[:, part] = tall.T @ tall[:, part]
+
+            edges = np.linspace(0, tall.shape[1], threads + 1).astype(int)
+            _in_threads([lambda a=a, b=b: columns(slice(a, b))
+                         for a, b in itertools.pairwise(edges)],
+                        threads if tall.size >= 1 << 16 else 1)
+            found.append(_top_singular_values(gram, k, lambda matrix=matrix: matrix))
     values = np.concatenate(found)
     extra = min(k, min(c_out, c_in * math.prod(strides))) - min(k, c_out, c_in)
     values = np.concatenate([values, np.zeros(g * extra)])
@@ -883,7 +908,7 @@ class FftCirculantBackend(Backend):
             if self._pointwise_top_k(kernels, request, ops):
                 values, multiplicities = _pointwise_top_k(
                     kernels, strides, tuple(n // s for n, s in zip(grid, strides, strict=True)),
-                    request.top_k)
+                    request.top_k, ops.threads)
                 note = (f"top-{request.top_k} of the weight matrix (1x1 kernel: the same at "
                         f"every frequency of {small})")
             elif self._certified_top_k(kernels, grid, request, ops):
