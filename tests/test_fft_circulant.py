@@ -162,6 +162,28 @@ def test_gram_path_within_1e_8(name: str) -> None:
     assert _error(spectrum.expanded(), _oracle(layer)) <= 1e-8
 
 
+def test_auto_takes_the_gram_path_and_stays_within_1e_10() -> None:
+    layer = _layer(np.random.default_rng(11).standard_normal((16, 16, 3, 3)), (16, 8, 8))
+    spectrum = FftCirculantBackend().compute(layer, CIRCULAR)
+    assert spectrum.note.startswith("Gram eigenvalues")
+    assert _error(spectrum.expanded(), _oracle(layer)) <= 1e-10
+    svd = FftCirculantBackend(method="svd").compute(layer, CIRCULAR)
+    assert svd.note.startswith("svd")
+
+
+def test_auto_sends_rank_deficient_symbols_to_svd() -> None:
+    # Output channels 0 and 1 are the same filter: every symbol has a zero singular value,
+    # which sqrt(eigenvalue of the Gram) would give as ~1e-8 sigma_max.
+    weight = np.random.default_rng(12).standard_normal((8, 8, 3, 3))
+    weight[1] = weight[0]
+    layer = _layer(weight, (8, 6, 6))
+    spectrum = FftCirculantBackend().compute(layer, CIRCULAR)
+    reference = _oracle(layer)
+    assert _error(spectrum.expanded(), reference) <= 1e-12
+    ours = np.sort(spectrum.expanded())
+    assert ours[:6 * 6].max() <= 1e-13 * reference[0]  # one zero per frequency, kept zero
+
+
 @pytest.mark.parametrize("name", ["3x3 even n", "stride (2,1)", "depthwise", "ConvTranspose s2",
                                   "Conv3d"])
 @pytest.mark.parametrize("method", ["svd", "gram"])
