@@ -171,6 +171,23 @@ def test_auto_takes_the_gram_path_and_stays_within_1e_10() -> None:
     assert svd.note.startswith("svd")
 
 
+@pytest.mark.parametrize("weight_shape,input_shape,stride,gram", [
+    ((64, 64, 3, 3), (64, 8, 8), 1, True),       # square, r = 64
+    ((128, 128, 3, 3), (128, 8, 8), 1, False),   # square, r = 128: mostly ill-conditioned
+    ((128, 128, 3, 3), (128, 8, 8), 2, True),    # 128 x 512 symbols
+    ((256, 128, 3, 3), (128, 4, 4), 1, True),    # 256 x 128 symbols
+])
+def test_auto_picks_the_gram_path_where_it_pays(weight_shape: tuple[int, ...],
+                                                 input_shape: tuple[int, ...], stride: int,
+                                                 gram: bool) -> None:
+    layer = _layer(np.random.default_rng(13).standard_normal(weight_shape), input_shape,
+                   stride=stride)
+    auto = FftCirculantBackend().compute(layer, CIRCULAR)
+    assert auto.note.startswith("Gram eigenvalues") == gram
+    svd = FftCirculantBackend(method="svd").compute(layer, CIRCULAR)
+    assert _error(auto.expanded(), svd.expanded()) <= 1e-10
+
+
 def test_auto_sends_rank_deficient_symbols_to_svd() -> None:
     # Output channels 0 and 1 are the same filter: every symbol has a zero singular value,
     # which sqrt(eigenvalue of the Gram) would give as ~1e-8 sigma_max.

@@ -26,13 +26,18 @@ What this module adds to the paper's recipe (each is exact, none is an approxima
 - A kernel of size 1 in every dimension has a constant symbol: the spectrum of the (padded)
   weight matrix once, with multiplicity prod(n/s), never expanded. Gemm/MatMul: the matrix.
 
-The per-frequency singular values come from one batched LAPACK call (``np.linalg.svd`` with
-``compute_uv=False``), split over a few threads (the gufunc releases the GIL), or on CUDA from
-``torch.linalg.svdvals``. A Gram + ``eigvalsh`` path on the smaller side is offered
-(``method="gram"``): it squares the condition number, so values below ~1e-8 * sigma_max lose
-their relative accuracy. The default is ``"svd"`` because this backend promises exact values
-(it is the ground truth for circular padding in ``compare``) and on this hardware the Gram path
-was not reliably faster (measured in ``benchmarks/backends.py``).
+The per-frequency singular values come, by default (``method="auto"``), from the eigenvalues
+of the symbols' Grams on their smaller side: the Grams straight from the kernel as a
+trigonometric polynomial (``gram_polynomial``, GEMM speed) and a batched Hermitian
+``eigvalsh`` (about half the flops of an SVD), split over a few threads (the gufunc releases
+the GIL). Squaring costs accuracy for values far below their frequency's largest, so every
+frequency whose smallest value would carry an estimated error above 1e-11 of its largest
+(rank-deficient or ill-conditioned symbols) is decomposed by SVD instead, and square symbols
+wider than 96, where that is most of them, go to the SVD from the start. ``method="svd"``:
+one batched values-only SVD per frequency everywhere (``np.linalg.svd``, or on CUDA
+``torch.linalg.svdvals``). ``method="gram"``: the older per-frequency S^H S products with no
+check (values below ~1e-8 sigma_max lose their relative accuracy). On torch (CUDA), "auto"
+is the SVD.
 """
 
 from __future__ import annotations
@@ -325,12 +330,15 @@ def circulant_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tupl
     return values.ravel(), multiplicities
 
 
-# ``method="auto"``: Grams and ``eigvalsh`` up to this order r (the smaller side of the symbol),
-# SVD above. At r = 64 the Hermitian eigensolver took 0.34 s against the SVD's 0.50 s for the
-# 1624 symbols of a 64->64 layer at 56x56; above r = 128, random square symbols have values
-# so small beside their largest that the accuracy check below sent most frequencies back to
-# the SVD.
-_GRAM_FIRST_MAX = 128
+# ``method="auto"`` takes the Grams and ``eigvalsh`` for square-ish symbols up to this order r
+# (the smaller side), and for symbols at least twice as long as wide at any r; SVD otherwise.
+# Measured on 2 cores, random weights, float64: 64->64 at 56x56 0.23 s against the SVD's
+# 0.36 s (3% of frequencies sent back to SVD), 96->96 at 32x32 0.26 against 0.33 s (14%);
+# at 128->128 at 28x28 42% went back (0.46 against 0.41 s) and at r = 256 and 512 all of
+# them: a random square symbol's smallest value is too small beside its largest for the
+# Gram. Long symbols are well conditioned: 256->256 stride 2 at 28x28 (256 x 1024 symbols)
+# 0.40 against 2.72 s, 1024->512 at 7x7 1.1 against 2.3 s, none sent back.
+_GRAM_FIRST_MAX = 96
 # The "auto" Gram path keeps every value within this fraction of its frequency's largest
 # (estimated: a tenth of the 1e-10 that ``exact`` must meet); frequencies that can't are
 # decomposed by SVD.
@@ -351,12 +359,13 @@ _FLOAT32_TOLERANCE = 1e-6
 def _gram_first(kernels: np.ndarray, strides: tuple[int, ...], method: Method, precision: str,
                 ops: Any) -> bool:
     """Whether ``method="auto"`` takes the Gram path: on NumPy, for symbols that are matrices
-    (smaller side r > 1), up to r = ``_GRAM_FIRST_MAX`` in float64 and at any r in float32."""
+    (smaller side r > 1); in float64 where r <= ``_GRAM_FIRST_MAX`` or the symbol is at least
+    twice as long as wide, in float32 always."""
     if method != "auto" or not isinstance(ops, _NumpyOps):
         return False
     c_out, c_in = kernels.shape[1:3]
-    r = min(c_out, c_in * math.prod(strides))
-    return r > 1 and (precision == "float32" or r <= _GRAM_FIRST_MAX)
+    r, long = sorted((c_out, c_in * math.prod(strides)))
+    return r > 1 and (precision == "float32" or r <= _GRAM_FIRST_MAX or long >= 2 * r)
 
 
 def _gram_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
