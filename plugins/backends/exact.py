@@ -20,6 +20,7 @@ from specprof.engine import hookimpl
 from specprof.engine.base import Backend
 from specprof.engine.errors import BackendError, SpecprofError
 from specprof.engine.operator import ConvApply, dense_operator, group_blocks, operator_shape
+from specprof.engine.parallel import one_blas_thread
 from specprof.engine.types import Layer, Request, Spectrum, SpectrumKind, Support
 
 MAX_DENSE_BYTES = 2**30
@@ -167,10 +168,13 @@ class ExactBackend(Backend):
         # wider Krylov space than scipy's default (2k+1, at least 20) cut the products needed
         # by ~15% on random 3x3 convs, whose top values are tightly clustered.
         ncv = min(min(operator.shape) - 1, max(2 * k + 1, 32))
-        values = scipy.sparse.linalg.svds(
-            operator, k=k, ncv=ncv, tol=0, return_singular_vectors=False,
-            rng=np.random.default_rng(0),
-        )
+        # One BLAS thread: NumPy's products and ARPACK's SciPy BLAS calls alternate, and their
+        # two thread pools fought over the cores (2.6x slower on 2 cores; engine/parallel.py).
+        with one_blas_thread():
+            values = scipy.sparse.linalg.svds(
+                operator, k=k, ncv=ncv, tol=0, return_singular_vectors=False,
+                rng=np.random.default_rng(0),
+            )
         return np.asarray(values, dtype=np.float64)
 
 

@@ -42,12 +42,9 @@ is the SVD.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -55,6 +52,7 @@ import numpy as np
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Backend
+from specprof.engine.parallel import default_threads, in_threads, one_blas_thread
 from specprof.engine.types import MATRIX_OPS, Layer, Request, Spectrum, Support
 
 Method = Literal["auto", "svd", "gram"]
@@ -126,30 +124,6 @@ def frequency_multiplicities(small_grid: tuple[int, ...]) -> np.ndarray:
 # Array code, written once for NumPy and torch.
 
 
-def _one_blas_thread() -> Any:
-    """A context in which BLAS runs one thread per call.
-
-    The batch is already split over Python threads, one per core; BLAS threads inside every
-    small LAPACK call on top of that oversubscribe the cores (measured: 0.35 s instead of
-    0.25 s for the 64->64 layer at 56x56 on 2 cores). Without threadpoolctl, nothing changes.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only speed depends on it
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
-
-
-def _in_threads(calls: list[Any], threads: int) -> list[Any]:
-    """The results of ``calls`` (functions of no argument), run on up to ``threads`` worker
-    threads, taken in list order as threads come free. For NumPy work that releases the GIL;
-    the caller decides how many BLAS threads each gets (``_one_blas_thread``)."""
-    if threads <= 1 or len(calls) <= 1:
-        return [call() for call in calls]
-    with ThreadPoolExecutor(min(threads, len(calls))) as pool:
-        return list(pool.map(lambda call: call(), calls))
-
-
 class _NumpyOps:
     """NumPy/LAPACK on the CPU; batched SVDs split over ``threads`` threads."""
 
@@ -178,8 +152,9 @@ class _NumpyOps:
         # leave one thread with twice the work.
         pieces = workers * max(1, min(_PIECES_PER_THREAD,
                                       stack.shape[0] // (workers * _MIN_BATCH_PER_THREAD)))
-        with _one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-            return np.concatenate(list(pool.map(fn, np.array_split(stack, pieces))))
+        with one_blas_thread():
+            return np.concatenate(in_threads(
+                [lambda part=part: fn(part) for part in np.array_split(stack, pieces)], workers))
 
     def svdvals(self, stack: np.ndarray) -> np.ndarray:
         return self._split(stack, lambda part: np.linalg.svd(part, compute_uv=False))
@@ -382,13 +357,13 @@ def _gram_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[in
     smallest value (a rank-deficient or ill-conditioned symbol), the frequency is decomposed
     by SVD instead.
     """
-    with _one_blas_thread():
+    with one_blas_thread():
         poly = gram_polynomial(kernels, grid, strides, dilations, ops.threads)
         n_freq, g = poly.n_freq, kernels.shape[0]
         size = max(1, min(_PIECE_BYTES // (16 * poly.r * poly.r), -(-n_freq // ops.threads)))
         pieces = [(group, np.arange(start, min(start + size, n_freq)))
                   for group in range(g) for start in range(0, n_freq, size)]
-        eigenvalues = np.concatenate(_in_threads(
+        eigenvalues = np.concatenate(in_threads(
             [lambda piece=piece: np.linalg.eigvalsh(poly.evaluate(*piece))[:, ::-1]
              for piece in pieces], ops.threads))
     values = np.sqrt(np.clip(eigenvalues, 0.0, None))
@@ -545,7 +520,7 @@ def gram_polynomial(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
 
     # The deltas with most pairs first, taken by threads as they come free.
     work = np.bincount(pair_delta[pair_delta >= 0], minlength=n_delta)[:half + 1]
-    _in_threads([lambda j=j: one_delta(int(j)) for j in np.argsort(-work, kind="stable")],
+    in_threads([lambda j=j: one_delta(int(j)) for j in np.argsort(-work, kind="stable")],
                 threads if r >= 64 else 1)
     # Phases (deltas, frequencies): exp(-2 pi i ((delta f) mod N) / N), integers reduced first.
     phases = np.ones((1, 1), dtype=np.complex128)
@@ -746,21 +721,22 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     # One BLAS thread per worker thread, everywhere below: BLAS threads on top of the worker
     # threads, or NumPy's and SciPy's two OpenBLAS pools spinning against each other, made
     # the Cholesky certificates 3-5x slower (measured at r = 256 on 2 cores).
-    with _one_blas_thread():
-        return _top_k_search(kernels, grid, strides, dilations, k, ops or _NumpyOps(1))
+    with one_blas_thread():
+        return _top_k_search(kernels, grid, strides, dilations, k, ops or _NumpyOps(1))[:3]
 
 
 def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
                   dilations: tuple[int, ...], k: int,
-                  ops: _NumpyOps) -> tuple[np.ndarray, np.ndarray, int]:
-    """The search of ``circulant_top_k``; parallel work goes to ``ops.threads`` threads."""
+                  ops: _NumpyOps) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The search of ``circulant_top_k``; parallel work goes to ``ops.threads`` threads. Also
+    returns the batch index (group * half-grid frequencies + frequency) of the largest value."""
     small_grid = tuple(n // s for n, s in zip(grid, strides, strict=True))
     per_frequency = np.tile(frequency_multiplicities(small_grid).ravel(), kernels.shape[0])
     g, c_out, c_in = kernels.shape[:3]
     if min(c_out, c_in * math.prod(strides)) == 1:
         stack = symbol_matrices(kernels, grid, strides, dilations, "float64", ops)
         values = _batched_values(stack, "svd", ops).ravel()
-        return (*top_k_of(values, per_frequency, k), stack.shape[0])
+        return (*top_k_of(values, per_frequency, k), stack.shape[0], int(np.argmax(values)))
     poly = gram_polynomial(kernels, grid, strides, dilations, ops.threads)
     n_freq = poly.n_freq
     count = g * n_freq
@@ -773,7 +749,7 @@ def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int
               for group in range(g) for start in range(0, n_freq, size)]
 
     def parallel(fn: Any) -> list[Any]:
-        return _in_threads([lambda piece=piece: fn(piece) for piece in pieces], ops.threads)
+        return in_threads([lambda piece=piece: fn(piece) for piece in pieces], ops.threads)
 
     # Two stages: a few Lanczos steps on every Gram (each step is a memory pass), then more
     # steps (r // 8: a wrong order costs an SVD, r^3, and Cholesky failures) only on the
@@ -800,6 +776,7 @@ def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int
     done = np.zeros(count, dtype=bool)
     found_values: list[np.ndarray] = []
     found_mult: list[np.ndarray] = []
+    found_at: list[int] = []  # the frequency of each found_values entry
 
     def compute(indices: np.ndarray) -> None:
         # Only a frequency's k largest values can be among the operator's k largest (each
@@ -812,6 +789,7 @@ def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int
                 lambda f=f: symbols_at(kernels, grid, strides, dilations, np.array([f]))[0])
             found_values.append(values)
             found_mult.append(np.full(values.size, per_frequency[f]))
+            found_at.append(int(f))
             done[f] = True
 
     def threshold() -> float:
@@ -847,7 +825,27 @@ def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int
             compute(np.array([f]))
             t = threshold()
     values, mult = top_k_of(np.concatenate(found_values), np.concatenate(found_mult), k)
-    return values, mult, int(done.sum())
+    top = found_at[int(np.argmax([found[0] for found in found_values]))]
+    return values, mult, int(done.sum()), top
+
+
+def circulant_norm(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
+                   dilations: tuple[int, ...],
+                   ops: _NumpyOps | None = None) -> tuple[float, int, int]:
+    """sigma_max of the circular conv (certified like ``circulant_top_k``), the group and the
+    half-grid frequency (flat, C order over (N_1, ..., N_d // 2 + 1), N = grid / strides) of a
+    symbol that attains it."""
+    ops = ops or _NumpyOps(1)
+    g, c_out, c_in = kernels.shape[:3]
+    n_freq = _half_grid_size(grid, strides)
+    if all(k == 1 for k in kernels.shape[3:]):  # the same symbol at every frequency
+        tops = np.linalg.svd(np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in),
+                             compute_uv=False)[:, 0]
+        return float(tops.max()), int(np.argmax(tops)), 0
+    with one_blas_thread():
+        values, _, _, where = _top_k_search(kernels, grid, strides, dilations, 1, ops)
+    group, freq = divmod(where, n_freq)
+    return float(values[0]), group, freq
 
 
 # A value the Gram gives is used only down to this fraction of its matrix's largest value:
@@ -888,7 +886,7 @@ def _pointwise_top_k(kernels: np.ndarray, strides: tuple[int, ...], small_grid: 
     same cores 2.4x (measured over ResNet-50's 36 pointwise layers)."""
     g, c_out, c_in = kernels.shape[:3]
     found = []
-    with _one_blas_thread():
+    with one_blas_thread():
         for matrix in np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in):
             tall = matrix if c_out >= c_in else matrix.T
             gram = np.empty((tall.shape[1], tall.shape[1]))
@@ -897,7 +895,7 @@ def _pointwise_top_k(kernels: np.ndarray, strides: tuple[int, ...], small_grid: 
                 gram[:, part] = tall.T @ tall[:, part]
 
             edges = np.linspace(0, tall.shape[1], threads + 1).astype(int)
-            _in_threads([lambda a=a, b=b: columns(slice(a, b))
+            in_threads([lambda a=a, b=b: columns(slice(a, b))
                          for a, b in itertools.pairwise(edges)],
                         threads if tall.size >= 1 << 16 else 1)
             found.append(_top_singular_values(gram, k, lambda matrix=matrix: matrix))
@@ -938,7 +936,7 @@ class FftCirculantBackend(Backend):
         if method not in ("auto", "svd", "gram"):
             raise ValueError(f"method must be 'auto', 'svd' or 'gram', not {method!r}")
         self.method: Method = method
-        self.threads = threads or min(os.cpu_count() or 1, 8)
+        self.threads = threads or default_threads()
         self._torch_on_cpu = _torch_on_cpu
 
     def supports(self, layer: Layer, request: Request) -> Support:
