@@ -925,8 +925,9 @@ class FftCirculantBackend(Backend):
 
     name: ClassVar[str] = "fft-circulant"
     description: ClassVar[str] = (
-        "exact operator spectrum with circular padding: per-frequency SVD of the kernel's "
-        "symbol on the half grid (Sedghi et al. 2019), polyphase strides, groups, dilation")
+        "exact operator spectrum with circular padding: the kernel's symbol on the half grid "
+        "(Sedghi et al. 2019), by Gram eigenvalues with an accuracy check or SVD; certified "
+        "top-k; polyphase strides, groups, dilation")
     kind = "operator"
     exact: ClassVar[bool] = True
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
