@@ -640,10 +640,16 @@ def _certified_below(gram: np.ndarray, bound: float, inner: int,
         return False
     shifted = -gram
     shifted[np.diag_indices(gram.shape[0])] += mu
-    # NumPy's LAPACK Cholesky: it releases the GIL, so worker threads certify in parallel
-    # (SciPy's wrapper holds it).
+    return _positive_definite(shifted)
+
+
+def _positive_definite(matrices: np.ndarray) -> bool:
+    """Whether LAPACK's Cholesky factorization completes for every matrix of the stack.
+
+    NumPy's: it releases the GIL, so worker threads certify in parallel (SciPy's wrapper
+    holds it)."""
     try:
-        np.linalg.cholesky(shifted)
+        np.linalg.cholesky(matrices)
     except np.linalg.LinAlgError:
         return False
     return True
@@ -678,11 +684,8 @@ def _uncertified(grams: np.ndarray, bound: float, inner: int, gram_error: float)
         shifted = -grams
         diagonal = np.arange(grams.shape[-1])
         shifted[:, diagonal, diagonal] += mu[:, None]
-        try:
-            np.linalg.cholesky(shifted)
+        if _positive_definite(shifted):
             return np.zeros(0, dtype=np.int64)
-        except np.linalg.LinAlgError:
-            pass
     return np.array([i for i in range(grams.shape[0])
                      if not _certified_below(grams[i], bound, inner, gram_error)], dtype=np.int64)
 
