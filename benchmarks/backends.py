@@ -9,8 +9,9 @@ number comes from this run on this machine, the reference beside ours.
   Python loop. The paper has no stride or groups; for the strided layer the reference does the
   same on the full (n/s) grid of the polyphase kernel, and for the depthwise layer per channel
   (the 1x1 symbol's singular value is its modulus), the plainest correct versions.
-- Ours: the default (``method="auto"``: eigenvalues of the symbols' Grams up to r = 128 with an
-  accuracy check, SVD above); ``svd s``: ``method="svd"``, one SVD per half-grid frequency.
+- Ours: the default (``method="auto"``: eigenvalues of the symbols' Grams with an accuracy
+  check, for square symbols up to r = 96 and for long ones at any r; SVD otherwise);
+  ``svd s``: ``method="svd"``, one SVD per half-grid frequency.
 - Floor: the flops LAPACK needs for values-only SVDs of our per-frequency matrices (bidiagonal
   reduction, 4mn^2 - 4n^3/3 real flops for m >= n, x4 for complex) at the GEMM rate measured here.
   No values-only SVD runs at GEMM speed (half of the reduction is matrix-vector work), so the

@@ -234,7 +234,7 @@ def symbol_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     only contiguous (s, c_in, c_out) blocks move. (An earlier layout with s innermost made that
     copy a strided scatter slower than the product.)
     """
-    ops = ops or _NumpyOps(1)
+    ops = ops or _NumpyOps(default_threads())
     real, cplx = (np.float32, np.complex64) if precision == "float32" else (np.float64, np.complex128)
     d = len(grid)
     g, c_out, c_in = kernels.shape[:3]
@@ -289,7 +289,7 @@ def circulant_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tupl
 
     Every grid dimension must be divisible by its stride.
     """
-    ops = ops or _NumpyOps(1)
+    ops = ops or _NumpyOps(default_threads())
     small_grid = tuple(n // s for n, s in zip(grid, strides, strict=True))
     if all(k == 1 for k in kernels.shape[3:]):
         return _pointwise_spectrum(kernels, strides, small_grid,
@@ -725,7 +725,8 @@ def circulant_top_k(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     # threads, or NumPy's and SciPy's two OpenBLAS pools spinning against each other, made
     # the Cholesky certificates 3-5x slower (measured at r = 256 on 2 cores).
     with one_blas_thread():
-        return _top_k_search(kernels, grid, strides, dilations, k, ops or _NumpyOps(1))[:3]
+        return _top_k_search(kernels, grid, strides, dilations, k,
+                             ops or _NumpyOps(default_threads()))[:3]
 
 
 def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, ...],
@@ -838,7 +839,7 @@ def circulant_norm(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[in
     """sigma_max of the circular conv (certified like ``circulant_top_k``), the group and the
     half-grid frequency (flat, C order over (N_1, ..., N_d // 2 + 1), N = grid / strides) of a
     symbol that attains it."""
-    ops = ops or _NumpyOps(1)
+    ops = ops or _NumpyOps(default_threads())
     g, c_out, c_in = kernels.shape[:3]
     n_freq = _half_grid_size(grid, strides)
     if all(k == 1 for k in kernels.shape[3:]):  # the same symbol at every frequency

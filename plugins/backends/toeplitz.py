@@ -28,12 +28,14 @@ from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator
 from specprof.engine import hookimpl
 from specprof.engine.base import Backend
 from specprof.engine.operator import ConvApply
-from specprof.engine.parallel import default_threads, one_blas_thread
+from specprof.engine.parallel import one_blas_thread
 from specprof.engine.types import Layer, Request, Spectrum, Support
-from specprof.plugins.backends.fft_circulant import _NumpyOps, circulant_norm, circulant_spectrum
+from specprof.plugins.backends.fft_circulant import circulant_norm, circulant_spectrum
 
 # Relative margin added to the computed upper bound to cover floating-point rounding of the
-# symbol sums and of LAPACK's SVD (backward error ~ size * eps * ||P||, far below this).
+# top symbol's norm (from its Gram's largest eigenvalue: LAPACK's backward error ~ r eps ||P||^2,
+# ~ r eps / 2 relative on the norm, far below this); every other symbol is proven below it by
+# ``fft-circulant``'s Cholesky certificates, which carry their own rounding bounds.
 ROUNDING_MARGIN = 1e-11
 # Symbol matrices are processed in chunks of about this many complex entries (memory cap).
 _CHUNK_ENTRIES = 4_000_000
@@ -217,8 +219,7 @@ def symbol_singular_values(geom: ConvGeometry, grid: tuple[int, ...]) -> np.ndar
     dimension, in polyphase units): the exact spectrum of the strided circular convolution on
     the grid s * grid, from ``fft-circulant`` (half grid, threads, Gram eigenvalues where they
     are accurate), expanded."""
-    values, multiplicities = circulant_spectrum(*_circulant_form(geom, grid),
-                                                ops=_NumpyOps(default_threads()))
+    values, multiplicities = circulant_spectrum(*_circulant_form(geom, grid))
     return np.repeat(values, multiplicities)
 
 
@@ -245,7 +246,7 @@ def _top_of_grid(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[float, np.n
     (every frequency's symbol is proven below it, or decomposed), with the frequency that
     attains it on the half grid; the vector comes from this module's own symbol there."""
     kernel = _polyphase_kernel(geom)
-    best, g, f = circulant_norm(*_circulant_form(geom, grid), ops=_NumpyOps(default_threads()))
+    best, g, f = circulant_norm(*_circulant_form(geom, grid))
     index = np.unravel_index(f, (*grid[:-1], grid[-1] // 2 + 1))
     thetas = [_grid(m) for m in grid]
     theta = np.array([th[i] for th, i in zip(thetas, index, strict=True)])
