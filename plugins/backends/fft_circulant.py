@@ -768,11 +768,18 @@ def _top_k_search(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int
 
     def refine(indices: np.ndarray) -> None:
         indices = indices[~refined[indices]]
-        for group in np.unique(indices // n_freq):
-            mine = indices[indices // n_freq == group]
+
+        def estimate(mine: np.ndarray) -> None:
             # float64: float32 lost the orthogonality of this longer basis (Ritz values 6x
             # lambda_max seen on a 512-wide stride-2 layer)
-            rho[mine] = _lanczos_lower_bounds(poly.evaluate(int(group), mine % n_freq), steps)
+            group = int(mine[0] // n_freq)
+            rho[mine] = _lanczos_lower_bounds(poly.evaluate(group, mine % n_freq), steps)
+
+        # Per group, split over the worker threads (each part writes its own entries of rho).
+        parts = [part for group in np.unique(indices // n_freq)
+                 for part in np.array_split(indices[indices // n_freq == group], ops.threads)
+                 if part.size]
+        in_threads([lambda part=part: estimate(part) for part in parts], ops.threads)
         refined[indices] = True
 
     refine(np.argsort(-rho, kind="stable")[:max(8, count // 8)])
