@@ -37,7 +37,7 @@ test-fast: $(VENV)/.all
 
 lint: $(VENV)/.all
 	$(BIN)/ruff check engine plugins src tests benchmarks examples
-	$(BIN)/mypy engine src/specprof
+	$(BIN)/mypy engine plugins src/specprof
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

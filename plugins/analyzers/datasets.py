@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,7 +264,7 @@ def open_data(data: Any, sample_shape: tuple[int | None, ...], batch_size: int =
         return DataSource([(x[s:s + batch_size], y[s:s + batch_size])
                            for s in range(0, len(x), batch_size)], len(x), "arrays")
     if isinstance(data, Iterable):
-        size = len(data) if hasattr(data, "__len__") else None
+        size = len(data) if isinstance(data, Sized) else None
         return DataSource(_Reiterable(lambda: _rebatch(data, sample_shape, batch_size)), None,
                           f"<{type(data).__name__}>" + ("" if size is None else f" of {size}"))
     raise DataError(f"cannot read labelled inputs from a {type(data).__name__}",

@@ -140,7 +140,7 @@ def _esd_section(store: Store, run_id: int, rows: pd.DataFrame) -> str:
 
     wanted = {int(s): record for s, record in zip(rows["spectrum_id"], rows.to_dict("records"),
                                                   strict=True) if s == s and s is not None}
-    images = []
+    images: list[str] = []
     for layer_row, spectrum in store.spectra_for_run(run_id):
         record = wanted.get(int(layer_row["spectrum_id"]))
         if record is None or len(images) >= MAX_ESD_PLOTS:
@@ -206,8 +206,8 @@ def build_report(store: Store, run_id: int, kind: str | None = None) -> str:
     chosen = str(rows["kind"].iloc[0])
     layer_rows = store.layers(info["model_id"])
     n_weights = int(sum(math.prod(shape) for shape in layer_rows["weight_shape"]))
-    bounds = rows["lipschitz_bound"] if "lipschitz_bound" in rows else []
-    bound = bounds.iloc[-1] if len(bounds) else None
+    bound = (rows["lipschitz_bound"].iloc[-1]
+             if "lipschitz_bound" in rows and len(rows) else None)
     summary = {
         "model": info["model"], "run": run_id, "status": info["status"],
         "linear layers": len(layer_rows), "weights in linear layers": f"{n_weights:,}",

@@ -238,7 +238,7 @@ def symbol_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     real, cplx = (np.float32, np.complex64) if precision == "float32" else (np.float64, np.complex128)
     d = len(grid)
     g, c_out, c_in = kernels.shape[:3]
-    phases = np.ones((), dtype=cplx)
+    phases: np.ndarray = np.ones((), dtype=cplx)
     for j in range(d):  # outer product: axes (k_1, s_1, F_1, k_2, s_2, F_2, ...)
         phases = np.multiply.outer(phases, phase_matrix(
             kernels.shape[3 + j], grid[j], strides[j], dilations[j], half=(j == d - 1),
@@ -247,7 +247,8 @@ def symbol_matrices(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[i
     n_phase = math.prod(strides)
     rows = [*range(2, 3 * d, 3), *range(1, 3 * d, 3), *range(0, 3 * d, 3)]  # (F..., s..., k...)
     phases = np.ascontiguousarray(phases.transpose(rows)).reshape(n_freq * n_phase, -1)
-    weights = np.asarray(kernels, dtype=real).reshape(g, c_out, c_in, -1).transpose(0, 2, 1, 3)
+    weights: np.ndarray = np.asarray(kernels, dtype=real).reshape(g, c_out, c_in, -1).transpose(
+        0, 2, 1, 3)
     weights = weights.reshape(g * c_in * c_out, -1).astype(cplx)
     x = ops.tensordot(ops.asarray(phases), ops.asarray(weights), axes=([1], [1]))
     if g == 1:
@@ -425,8 +426,9 @@ class GramPolynomial:
     def single(self) -> GramPolynomial:
         """The same polynomial in float32 (its Grams complex64, ``errors`` not valid for
         them): for estimates that only order the frequencies, at half the memory traffic."""
-        return GramPolynomial(*(a.astype(np.float32) for a in (
-            self.real, self.imag, self.cos, self.sin)), self.errors, self.inner, self.r)
+        return GramPolynomial(self.real.astype(np.float32), self.imag.astype(np.float32),
+                              self.cos.astype(np.float32), self.sin.astype(np.float32),
+                              self.errors, self.inner, self.r)
 
     def evaluate(self, group: int, freqs: np.ndarray | slice) -> np.ndarray:
         """Grams (len(freqs), r, r) complex of one group: two real GEMMs (the coefficients are
@@ -554,7 +556,7 @@ def symbols_at(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, .
     """``symbol_matrices(...)[indices]`` (float64) without computing the other frequencies."""
     d = len(grid)
     g, c_out, c_in = kernels.shape[:3]
-    phases = np.ones((), dtype=np.complex128)
+    phases: np.ndarray = np.ones((), dtype=np.complex128)
     for j in range(d):
         phases = np.multiply.outer(phases, phase_matrix(
             kernels.shape[3 + j], grid[j], strides[j], dilations[j], half=(j == d - 1)))
@@ -562,7 +564,7 @@ def symbols_at(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[int, .
     n_phase = math.prod(strides)
     rows = [*range(2, 3 * d, 3), *range(1, 3 * d, 3), *range(0, 3 * d, 3)]
     phases = phases.transpose(rows).reshape(n_freq, n_phase, -1)
-    weights = np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in, -1)
+    weights: np.ndarray = np.asarray(kernels, dtype=np.float64).reshape(g, c_out, c_in, -1)
     weights = weights.transpose(0, 3, 2, 1).reshape(g, -1, c_in * c_out)  # (g, taps, c_in c_out)
     group, freq = np.divmod(np.asarray(indices), n_freq)
     out = np.empty((len(group), n_phase * c_in, c_out), dtype=np.complex128)

@@ -177,7 +177,9 @@ def _polyphase_kernel(geom: ConvGeometry) -> np.ndarray:
         offsets = [dl * a for dl, a in zip(geom.dilations, tap, strict=True)]
         phase = tuple(t % s for t, s in zip(offsets, geom.strides, strict=True))
         shift = tuple(t // s for t, s in zip(offsets, geom.strides, strict=True))
-        out[(slice(None), slice(None), slice(None), *phase, *shift)] += w[(..., *tap)]
+        where: tuple[Any, ...] = (slice(None), slice(None), slice(None), *phase, *shift)
+        which: tuple[Any, ...] = (Ellipsis, *tap)
+        out[where] += w[which]
     return out.reshape(g, co, ci * math.prod(geom.strides), *q)
 
 

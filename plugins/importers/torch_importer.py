@@ -95,13 +95,16 @@ def _export_eval_module(module: Any, input_shape: tuple[int, ...]) -> onnx.Model
 
     def torchscript() -> onnx.ModelProto:
         buffer = io.BytesIO()
-        torch.onnx.export(module, example, buffer, dynamo=False, opset_version=TARGET_OPSET,
+        # The TorchScript exporter writes to any file object; its annotation names paths only.
+        target: Any = buffer
+        torch.onnx.export(module, example, target, dynamo=False, opset_version=TARGET_OPSET,
                           external_data=False)
         return onnx.load_from_string(buffer.getvalue())
 
     def dynamo() -> onnx.ModelProto:
-        return torch.onnx.export(module, example, dynamo=True, opset_version=TARGET_OPSET,
-                                 external_data=False, verbose=False).model_proto
+        return _model_proto(torch.onnx.export(module, example, dynamo=True,
+                                              opset_version=TARGET_OPSET, external_data=False,
+                                              verbose=False))
 
     exporters = [("TorchScript exporter", torchscript), ("dynamo exporter", dynamo)]
     if any(getattr(m, "padding_mode", "zeros") == "circular" for m in module.modules()):
@@ -132,7 +135,15 @@ def _export_program(program: Any) -> onnx.ModelProto:
             f"torch.onnx.export failed on the exported program ({_first_line(error)})",
             "export the model to ONNX yourself and profile the .onnx file",
         ) from error
-    return result.model_proto
+    return _model_proto(result)
+
+
+def _model_proto(program: Any) -> onnx.ModelProto:
+    """The ModelProto of what the dynamo exporter returned (it returns an ONNXProgram)."""
+    if program is None:
+        raise ModelLoadError("torch.onnx.export returned no ONNX program",
+                             "export the model to ONNX yourself and profile the .onnx file")
+    return program.model_proto
 
 
 def _class_from_spec(spec: str) -> type:
