@@ -9,6 +9,9 @@ Arrays are stored as raw bytes, not one row per value:
 - ``spectra.multiplicities``: little-endian int64 (``<i8``), same length; NULL = each value once.
 - ``spectra.left_vectors``: little-endian, dtype in ``left_vectors_dtype`` (``<f4`` or ``<f8``),
   C order, shape in ``left_vectors_shape``.
+
+``spectra.complete`` is false for a partial spectrum (only the largest values, e.g. top-k):
+its ``sigma_min`` and ``stable_rank`` are then NULL, unknown rather than wrong.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -154,6 +158,8 @@ class SpectrumRow(Base):
     upper_bound: Mapped[float | None] = mapped_column(Float, nullable=True)
     lower_bound: Mapped[float | None] = mapped_column(Float, nullable=True)
     exact: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # False: only the largest values were computed (top-k); sigma_min, stable_rank are NULL.
+    complete: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     device: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -90,7 +90,7 @@ def test_new_database_is_created_by_the_migrations(db_url: str) -> None:
             # The migrations and the ORM models describe the same schema.
             assert compare_metadata(context, Base.metadata) == []
     assert TABLES | {VERSION_TABLE} <= tables
-    assert _revision(db_url) == _head() == "0002"
+    assert _revision(db_url) == _head() == "0003"
 
 
 def test_older_schema_refuses_to_open_until_upgraded(db_url: str) -> None:
@@ -111,6 +111,73 @@ def test_older_schema_refuses_to_open_until_upgraded(db_url: str) -> None:
     with Store.open(db_url) as store:
         assert store.revision() == _head()
         assert store.counts()["models"] == 0
+
+
+def fill_old_database(url: str, revision: str, row_id: int) -> None:
+    """A database at ``revision`` (0001 or 0002) with one model, run and ok spectrum, written
+    in plain SQL as a specprof of that schema left it, every row with id ``row_id``."""
+    pid = ", pid" if revision >= "0002" else ""
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), revision)
+        connection.execute(sqlalchemy.text(
+            "INSERT INTO models (id, sha256, name, format, framework, opset, n_params, created_at) "
+            "VALUES (:id, :sha, 'old', 'onnx', 'torch', 17, 10, '2024-01-01 00:00:00')"),
+            {"id": row_id, "sha": "a" * 64})
+        connection.execute(sqlalchemy.text(
+            "INSERT INTO layers (id, model_id, \"index\", name, op_type, weight_shape, strides, "
+            "pads, dilations, output_padding, groups, weight_hash, layer_hash, description) "
+            "VALUES (:id, :id, 0, 'fc', 'Gemm', '[2, 2]', '[]', '[]', '[]', '[]', 1, :h, :h, "
+            "'fc')"), {"id": row_id, "h": "b" * 64})
+        connection.execute(sqlalchemy.text(
+            f"INSERT INTO runs (id, model_id, status, config, versions, host, started_at{pid}) "
+            f"VALUES (:id, :id, 'complete', '{{}}', '{{}}', 'h', '2024-01-01 00:00:00'"
+            f"{', NULL' if pid else ''})"), {"id": row_id})
+        connection.execute(sqlalchemy.text(
+            "INSERT INTO spectra (id, run_id, layer_id, layer_hash, backend, kind, params, "
+            "params_hash, status, \"values\", n_values, sigma_max, sigma_min, created_at) VALUES "
+            "(:id, :id, :id, :h, 'exact', 'operator', '{}', :h, 'ok', :v, 2, 3.0, 1.0, "
+            "'2024-01-01')"), {"id": row_id, "h": "b" * 64,
+                               "v": np.array([3.0, 1.0], "<f8").tobytes()})
+    engine.dispose()
+
+
+def test_upgrade_from_0002_marks_stored_spectra_complete(db_url: str) -> None:
+    fill_old_database(db_url, "0002", 100)
+    with pytest.raises(StoreError, match="older"):
+        Store.open(db_url)
+    assert Store.upgrade_url(db_url) == ("0002", "0003")
+    with Store.open(db_url) as store:
+        spectrum = store.load_spectrum(100)
+        assert spectrum.complete and spectrum.sigma_min == 1.0
+        frame = store.query()
+        assert frame["complete"].tolist() == [True] and frame["sigma_min"].tolist() == [1.0]
+        with store.engine.connect() as connection:
+            row = connection.execute(sqlalchemy.text(
+                "SELECT layer, sigma_min, complete FROM layer_summary")).one()
+        assert (row[0], row[1], bool(row[2])) == ("fc", 1.0, True)
+        # New rows of the upgraded database store partial spectra as such.
+        model = make_model()
+        model_id, (conv_id, _) = store.add_model(model)
+        run_id = store.start_run(model_id, {})
+        partial = store.add_spectrum(run_id, conv_id, make_spectrum([4.0, 2.0], complete=False))
+        assert not store.load_spectrum(partial).complete
+
+
+def test_downgrade_to_0002_and_upgrade_again_keep_the_data(db_url: str) -> None:
+    with Store.open(db_url) as store:
+        _profiled(store)
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0002")
+        columns = {column["name"] for column in sqlalchemy.inspect(connection).get_columns("spectra")}
+        view = connection.execute(sqlalchemy.text("SELECT * FROM layer_summary")).mappings().all()
+    engine.dispose()
+    assert "complete" not in columns
+    assert len(view) == 2 and "complete" not in view[0]
+    assert Store.upgrade_url(db_url) == ("0002", _head())
+    with Store.open(db_url) as store:
+        assert store.query()["complete"].tolist() == [True, True]
 
 
 def test_newer_schema_is_refused(db_url: str) -> None:
