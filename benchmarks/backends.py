@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from specprof.engine.circulant import conv_form
 from specprof.engine.types import Layer, Request
-from specprof.plugins.backends.fft_circulant import FftCirculantBackend, conv_form
+from specprof.plugins.backends.fft_circulant import FftCirculantBackend
 
 CIRCULAR = Request(boundary="circular")
 CIRCULAR32 = Request(boundary="circular", precision="float32")

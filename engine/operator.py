@@ -6,7 +6,9 @@ its own weight read in Conv layout (``(c_in, c_out/g, k...)`` is a conv from c_o
 channels), on the transposed layer's output grid. So both ops are described by one object, the
 *gather table* of that conv: for every conv output position and tap, the flat index of the input
 position it reads (or a sentinel for "outside the input, reads zero"). Everything here (the
-sparse matrix, the dense matrix, the matrix-free apply and its adjoint) is built from that table.
+sparse matrix, the dense matrix, the matrix-free apply and its adjoint) is built from that table,
+which ``ConvGeometry`` (the conv's sizes, strides, dilations and pads) computes. The ``toeplitz``
+backend works with the same ``ConvGeometry``.
 
 Boundaries:
 - ``zeros``: exactly what ONNX/torch compute, output sizes by their formulas.
@@ -20,12 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
 
 from specprof.engine.errors import InputShapeError
 from specprof.engine.types import Boundary, Layer
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 _CHUNK_BYTES = 128 * 2**20
 """Largest im2col buffer one matrix-free product allocates; bigger products are chunked."""
@@ -94,35 +100,85 @@ def operator_shape(layer: Layer, boundary: Boundary = "zeros") -> tuple[int, int
     return layer.out_channels * math.prod(out), layer.input_size or 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConvGeometry:
-    """The gather table of the conv a layer is (Conv) or is the adjoint of (ConvTranspose).
+    """The convolution a layer is (Conv) or is the adjoint of (ConvTranspose), on one input.
 
-    ``table[o, t]`` is the flat index into the conv input (spatial shape ``conv_in``) that conv
-    output position o (flat, over ``conv_out``) reads at tap t (flat, over the kernel), or
-    ``prod(conv_in)`` (the sentinel) where it reads padding. ``weight`` is the layer's weight
-    in Conv layout (c_out_conv, c_in_conv / groups, *kernel). ``transposed`` says the layer's map
-    is the adjoint of this conv.
+    ``weight`` is (c_out, c_in / groups, k_1..k_d), float64, in Conv layout (a ConvTranspose's
+    own weight (c_in, c_out/g, k) read as a conv from its output to its input channels). The
+    conv maps x of shape (c_in, n_1..n_d) to y of shape (c_out, out_1..out_d) with
+    y[o, p] = sum_{c, a} W[o, c, a] x[c, s p + dil a - pad_begin], x read as zero outside the
+    grid (``boundary="zeros"``) or modulo n (``"circular"``). ``transposed`` says the layer's
+    map is the adjoint of this conv. ``table`` is the conv's gather table (computed once, when
+    first asked for).
     """
 
-    conv_out: tuple[int, ...]
-    conv_in: tuple[int, ...]
-    table: np.ndarray
     weight: np.ndarray
     groups: int
-    transposed: bool
+    n: tuple[int, ...]
+    out: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pad_begin: tuple[int, ...]
+    pad_end: tuple[int, ...]
+    boundary: Boundary = "zeros"
+    transposed: bool = False
 
     @property
-    def sentinel(self) -> int:
-        return math.prod(self.conv_in)
+    def d(self) -> int:
+        return len(self.n)
 
     @property
-    def conv_out_channels(self) -> int:
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def c_out(self) -> int:
         return int(self.weight.shape[0])
 
     @property
-    def conv_in_channels(self) -> int:
+    def c_in(self) -> int:
         return int(self.weight.shape[1]) * self.groups
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the conv's matrix (the layer's, transposed if ``transposed``)."""
+        return self.c_out * math.prod(self.out), self.c_in * math.prod(self.n)
+
+    @property
+    def n_values(self) -> int:
+        return min(self.shape)
+
+    def grouped_weight(self) -> np.ndarray:
+        """(groups, c_out/groups, c_in/groups, k...)."""
+        w = self.weight
+        return w.reshape(self.groups, w.shape[0] // self.groups, *w.shape[1:])
+
+    @property
+    def sentinel(self) -> int:
+        """The ``table`` entry for a tap that reads padding: one past the last input position."""
+        return math.prod(self.n)
+
+    @cached_property
+    def table(self) -> np.ndarray:
+        """``table[o, t]``: the flat input position (over ``n``) that output position o (flat,
+        over ``out``) reads at tap t (flat, over the kernel), or ``sentinel`` for padding."""
+        d = self.d
+        axes = [_axis_table(self.out[a], self.n[a], self.kernel[a], self.strides[a],
+                            self.dilations[a], self.pad_begin[a], self.boundary == "circular")
+                for a in range(d)]
+        # Cartesian product over axes: broadcast axis a's table to (out_1..out_d, k_1..k_d).
+        flat = np.zeros([1] * (2 * d), dtype=np.int64)
+        valid = np.ones([1] * (2 * d), dtype=bool)
+        step = 1
+        for a in reversed(range(d)):
+            shape = [1] * (2 * d)
+            shape[a], shape[d + a] = axes[a].shape
+            table = axes[a].reshape(shape)
+            flat = flat + table * step
+            valid = valid & (table >= 0)
+            step *= self.n[a]
+        return np.where(valid, flat, self.sentinel).reshape(math.prod(self.out), -1)
 
 
 def _axis_table(n_out: int, n_in: int, kernel: int, stride: int, dilation: int, shift: int,
@@ -135,7 +191,14 @@ def _axis_table(n_out: int, n_in: int, kernel: int, stride: int, dilation: int, 
 
 
 def conv_geometry(layer: Layer, boundary: Boundary = "zeros") -> ConvGeometry:
-    """The gather table of ``layer`` (a Conv or ConvTranspose) for ``boundary``."""
+    """The conv ``layer`` (a Conv or ConvTranspose) is or is the adjoint of, for ``boundary``.
+
+    A ConvTranspose with weight (c_in, c_out/g, k) on an n-grid is the adjoint of the Conv with
+    the same weight array (read as (c_out', c_in'/g, k)) and the same strides, dilations and
+    pads, on the ConvTranspose's output grid (``output_spatial_shape``); that Conv has the
+    ConvTranspose's input grid as output, and adjoints share singular values. Raises
+    ``InputShapeError`` where the input shape is unknown or does not fit.
+    """
     if not layer.is_conv:
         raise ValueError(f"{layer.op_type} is not a convolution")
     spatial = _check_conv_input(layer)
@@ -143,37 +206,22 @@ def conv_geometry(layer: Layer, boundary: Boundary = "zeros") -> ConvGeometry:
     transposed = layer.op_type == "ConvTranspose"
     # The conv side: a ConvTranspose reads its output grid (as conv input) into its input grid.
     conv_out, conv_in = (spatial, out) if transposed else (out, spatial)
-    circular = boundary == "circular"
     d = layer.spatial_dims
-    axes = [
-        _axis_table(conv_out[a], conv_in[a], layer.kernel_shape[a], layer.strides[a],
-                    layer.dilations[a], layer.pads[a], circular)
-        for a in range(d)
-    ]
-    # Cartesian product over axes: broadcast axis a's table to (out_1..out_d, k_1..k_d).
-    flat = np.zeros([1] * (2 * d), dtype=np.int64)
-    valid = np.ones([1] * (2 * d), dtype=bool)
-    step = 1
-    for a in reversed(range(d)):
-        shape = [1] * (2 * d)
-        shape[a], shape[d + a] = axes[a].shape
-        table = axes[a].reshape(shape)
-        flat = flat + table * step
-        valid = valid & (table >= 0)
-        step *= conv_in[a]
-    sentinel = math.prod(conv_in)
-    table = np.where(valid, flat, sentinel).reshape(math.prod(conv_out), -1)
-    return ConvGeometry(conv_out=tuple(conv_out), conv_in=tuple(conv_in), table=table,
-                        weight=np.asarray(layer.weight), groups=layer.groups,
+    return ConvGeometry(weight=np.asarray(layer.weight, dtype=np.float64), groups=layer.groups,
+                        n=tuple(conv_in), out=tuple(conv_out), strides=tuple(layer.strides),
+                        dilations=tuple(layer.dilations), pad_begin=tuple(layer.pads[:d]),
+                        pad_end=tuple(layer.pads[d:]), boundary=boundary,
                         transposed=transposed)
 
 
 def _conv_side_sparse(geo: ConvGeometry) -> sp.csr_matrix:
     """CSR matrix of the conv side (gather), duplicates (circular wrap) summed."""
+    import scipy.sparse as sp
+
     o_idx, t_idx = np.nonzero(geo.table != geo.sentinel)
     i_idx = geo.table[o_idx, t_idx]
-    n_out, n_in = math.prod(geo.conv_out), math.prod(geo.conv_in)
-    c_out, cin_g, g = geo.conv_out_channels, int(geo.weight.shape[1]), geo.groups
+    n_out, n_in = math.prod(geo.out), math.prod(geo.n)
+    c_out, cin_g, g = geo.c_out, int(geo.weight.shape[1]), geo.groups
     cout_g = c_out // g
     co = np.arange(c_out)
     ci = (co // cout_g)[:, None] * cin_g + np.arange(cin_g)[None, :]  # (c_out, cin_g)
@@ -183,13 +231,15 @@ def _conv_side_sparse(geo: ConvGeometry) -> sp.csr_matrix:
     cols = ci[:, :, None] * n_in + i_idx[None, None, :]
     rows = np.broadcast_to(rows, values.shape).ravel()
     cols = np.broadcast_to(cols, values.shape).ravel()
-    shape = (c_out * n_out, geo.conv_in_channels * n_in)
+    shape = (c_out * n_out, geo.c_in * n_in)
     # coo -> csr sums duplicate (row, col) pairs: a kernel larger than a circular input wraps.
     return sp.coo_matrix((values.ravel(), (rows, cols)), shape=shape).tocsr()
 
 
 def sparse_operator(layer: Layer, boundary: Boundary = "zeros") -> sp.csr_matrix:
     """The layer's matrix (rows: output, cols: input, C-order flattening) as float64 CSR."""
+    import scipy.sparse as sp
+
     if not layer.is_conv:
         return sp.csr_matrix(np.asarray(layer.weight, dtype=np.float64))
     geo = conv_geometry(layer, boundary)
@@ -211,30 +261,32 @@ class ConvApply:
     output positions to stay below ~128 MiB, never the operator itself.
     """
 
-    def __init__(self, layer: Layer, boundary: Boundary = "zeros",
+    def __init__(self, layer: Layer | ConvGeometry, boundary: Boundary = "zeros",
                  dtype: type = np.float64) -> None:
-        self.geo = conv_geometry(layer, boundary)
+        """The map of ``layer``, or of the conv side of a ``ConvGeometry`` (whose own
+        ``boundary`` and ``transposed`` then hold)."""
+        self.geo = layer if isinstance(layer, ConvGeometry) else conv_geometry(layer, boundary)
         self.dtype = np.dtype(dtype)
         geo = self.geo
-        g, cout_g = geo.groups, geo.conv_out_channels // geo.groups
+        g, cout_g = geo.groups, geo.c_out // geo.groups
         cin_g = int(geo.weight.shape[1])
         self._taps = geo.table.shape[1]
         # (g, cout_g, cin_g * taps): one matmul per group.
         self._w = geo.weight.astype(self.dtype).reshape(g, cout_g, cin_g * self._taps)
-        self._n_out, self._n_in = math.prod(geo.conv_out), math.prod(geo.conv_in)
-        per_position = geo.conv_in_channels * self._taps * self.dtype.itemsize
+        self._n_out, self._n_in = math.prod(geo.out), math.prod(geo.n)
+        per_position = geo.c_in * self._taps * self.dtype.itemsize
         self._chunk = max(1, _CHUNK_BYTES // max(per_position, 1))
-        conv_rows = geo.conv_out_channels * self._n_out
-        conv_cols = geo.conv_in_channels * self._n_in
+        conv_rows = geo.c_out * self._n_out
+        conv_cols = geo.c_in * self._n_in
         self.shape = (conv_cols, conv_rows) if geo.transposed else (conv_rows, conv_cols)
 
     def _gather(self, x: np.ndarray) -> np.ndarray:
         """The conv side: (c_in_conv * n_in,) -> (c_out_conv * n_out,)."""
         geo = self.geo
-        g, cin = geo.groups, geo.conv_in_channels
+        g, cin = geo.groups, geo.c_in
         padded = np.zeros((cin, self._n_in + 1), dtype=self.dtype)
         padded[:, :-1] = x.reshape(cin, self._n_in)
-        out = np.empty((geo.conv_out_channels, self._n_out), dtype=self.dtype)
+        out = np.empty((geo.c_out, self._n_out), dtype=self.dtype)
         for start in range(0, self._n_out, self._chunk):
             stop = min(start + self._chunk, self._n_out)
             # (cin, taps, positions); np.take: 5x faster than the same fancy index here
@@ -246,7 +298,7 @@ class ConvApply:
     def _scatter(self, y: np.ndarray) -> np.ndarray:
         """The adjoint of ``_gather``: (c_out_conv * n_out,) -> (c_in_conv * n_in,)."""
         geo = self.geo
-        g, cin = geo.groups, geo.conv_in_channels
+        g, cin = geo.groups, geo.c_in
         y = y.reshape(g, -1, self._n_out)
         width = self._n_in + 1
         out = np.zeros(cin * width, dtype=np.float64)
@@ -268,6 +320,19 @@ class ConvApply:
         """The adjoint (transpose) of the layer's map on one flattened output."""
         y = np.asarray(y, dtype=self.dtype).ravel()
         return self._gather(y) if self.geo.transposed else self._scatter(y)
+
+
+def apply_pair_flops(geometry: ConvGeometry) -> float:
+    """Nominal flops (seconds at ``NOMINAL_FLOPS`` x 1e10) of one ``ConvApply`` product with the
+    conv of ``geometry`` and one with its adjoint, as measured on one core: two GEMMs of
+    2 c_out (c_in/g) taps flops per output position, which run at BLAS speed (~4x
+    ``NOMINAL_FLOPS``), and the im2col gather and its ``bincount`` scatter, memory-bound at
+    ~65 nominal flops per im2col entry (c_in taps per output position)."""
+    positions = math.prod(geometry.out)
+    taps = math.prod(geometry.kernel)
+    entries = geometry.c_in * taps * positions
+    gemm = 2.0 * geometry.c_out * (geometry.c_in // geometry.groups) * taps * positions
+    return 0.256 * 2 * gemm + 65.0 * entries
 
 
 def group_blocks(layer: Layer) -> list[Layer]:

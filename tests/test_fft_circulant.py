@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 from oracle import conv_matrix, singular_values
 
+from specprof.engine.circulant import (
+    certified_below,
+    conv_form,
+    frequency_multiplicities,
+    gram_matrices,
+    top_k_of,
+    uncertified,
+)
 from specprof.engine.types import Layer, Request
-from specprof.plugins.backends.fft_circulant import FftCirculantBackend, top_k_of
+from specprof.plugins.backends.fft_circulant import FftCirculantBackend
 
 CIRCULAR = Request(boundary="circular")
 
@@ -309,15 +317,13 @@ def test_certified_top_k_rank_deficient() -> None:
 
 
 def test_cholesky_certificate_is_sharp_but_safe() -> None:
-    from specprof.plugins.backends.fft_circulant import _certified_below
-
     rng = np.random.default_rng(3)
     symbol = rng.standard_normal((20, 7)) + 1j * rng.standard_normal((20, 7))
     gram = symbol.conj().T @ symbol
     top = float(np.linalg.svd(symbol, compute_uv=False)[0]) ** 2
-    assert _certified_below(gram, top * (1 + 1e-8), inner=20)
-    assert not _certified_below(gram, top * (1 - 1e-8), inner=20)
-    assert not _certified_below(gram, top, inner=20)  # the rounding margin is never given away
+    assert certified_below(gram, top * (1 + 1e-8), inner=20)
+    assert not certified_below(gram, top * (1 - 1e-8), inner=20)
+    assert not certified_below(gram, top, inner=20)  # the rounding margin is never given away
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,8 +334,6 @@ def test_cholesky_certificate_is_sharp_but_safe() -> None:
                                   "stride (2,1)", "stride 2 kernel 7", "groups", "dilation 2",
                                   "Conv1d stride 2", "Conv3d stride (2,1,1)", "ConvTranspose s2"])
 def test_gram_polynomial_eigenvalues_are_squared_oracle_values(name: str) -> None:
-    from specprof.plugins.backends.fft_circulant import conv_form, gram_matrices
-
     layer = _case_layer(name)
     kernels, grid, strides, dilations = conv_form(layer)
     grams, errors, _ = gram_matrices(kernels, grid, strides, dilations)
@@ -337,8 +341,6 @@ def test_gram_polynomial_eigenvalues_are_squared_oracle_values(name: str) -> Non
     eigenvalues = np.linalg.eigvalsh(grams)  # (groups * half grid, r), ascending
     # Expand by multiplicity like the backend does, then compare with the dense oracle.
     small = tuple(n // s for n, s in zip(grid, strides, strict=True))
-    from specprof.plugins.backends.fft_circulant import frequency_multiplicities
-
     per_frequency = np.tile(frequency_multiplicities(small).ravel(), kernels.shape[0])
     squared = np.repeat(eigenvalues.ravel(), np.repeat(per_frequency, eigenvalues.shape[1]))
     reference = _oracle(layer) ** 2
@@ -348,9 +350,7 @@ def test_gram_polynomial_eigenvalues_are_squared_oracle_values(name: str) -> Non
     assert (errors >= 0).all() and errors.max() <= 1e-8 * reference[0]
 
 
-def test_uncertified_finds_the_one_gram_above_the_bound() -> None:
-    from specprof.plugins.backends.fft_circulant import _certified_below, _uncertified
-
+def testuncertified_finds_the_one_gram_above_the_bound() -> None:
     rng = np.random.default_rng(4)
     symbols = rng.standard_normal((40, 9, 6)) + 1j * rng.standard_normal((40, 9, 6))
     grams = symbols.conj().swapaxes(-1, -2) @ symbols
@@ -358,12 +358,12 @@ def test_uncertified_finds_the_one_gram_above_the_bound() -> None:
     bound = float(np.sort(tops)[-3]) * (1 + 1e-9)  # the two largest are above it
     expected = np.flatnonzero(tops > bound)
     assert expected.size == 2
-    np.testing.assert_array_equal(_uncertified(grams, bound, 9, 1e-12), expected)
-    assert _uncertified(grams, float(tops.max()) * 1.001, 9, 1e-12).size == 0
+    np.testing.assert_array_equal(uncertified(grams, bound, 9, 1e-12), expected)
+    assert uncertified(grams, float(tops.max()) * 1.001, 9, 1e-12).size == 0
     # Batched and one-by-one agree on every matrix, including those right at the bound.
     close = float(np.sort(tops)[-5])
-    single = [i for i in range(40) if not _certified_below(grams[i], close, 9, 1e-12)]
-    np.testing.assert_array_equal(_uncertified(grams, close, 9, 1e-12), single)
+    single = [i for i in range(40) if not certified_below(grams[i], close, 9, 1e-12)]
+    np.testing.assert_array_equal(uncertified(grams, close, 9, 1e-12), single)
 
 
 @pytest.mark.parametrize("kernel,n,dilation", [(7, 3, 1), (3, 4, 3)])
@@ -425,3 +425,28 @@ def test_pointwise_top_k_rank_deficient_falls_back_to_svd() -> None:
     assert reference[2] < 1e-6 * reference[0]
     # Relative accuracy of the small values themselves, far beyond what the Gram gives.
     np.testing.assert_allclose(ours, reference[:3], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost estimates (``Backend.cost``): positive, and ordered like the work compute does.
+
+
+def test_cost_follows_the_route_compute_takes() -> None:
+    from specprof.engine.circulant import layer_route
+
+    backend = FftCirculantBackend()
+    rng = np.random.default_rng(2)
+    big = _layer(rng.standard_normal((64, 64, 3, 3)), (64, 56, 56), pads=(1, 1, 1, 1))
+    small = _layer(rng.standard_normal((64, 64, 3, 3)), (64, 14, 14), pads=(1, 1, 1, 1))
+    top1 = Request(boundary="circular", top_k=1)
+    assert layer_route(big) == "gram checked" and layer_route(big, top_k=1) == "certified top-k"
+    full, certified = backend.cost(big, CIRCULAR), backend.cost(big, top1)
+    assert full is not None and certified is not None
+    assert 0 < certified < full  # the certificates skip most eigensolves
+    assert backend.cost(small, CIRCULAR) < full  # 16x fewer frequencies
+    pointwise = _layer(rng.standard_normal((64, 256, 1, 1)), (256, 56, 56))
+    assert layer_route(pointwise) == "pointwise"
+    assert backend.cost(pointwise, CIRCULAR) < 1e-2 * full  # one SVD, not one per frequency
+    gemm = Layer("fc", "Gemm", rng.standard_normal((1000, 512)), input_shape=(512,))
+    assert layer_route(gemm) == "matrix" and backend.cost(gemm, CIRCULAR) > 0
+    assert FftCirculantBackend(method="svd").cost(big, CIRCULAR) > full  # SVDs cost more

@@ -74,7 +74,7 @@ def filter_spectrum(weight: np.ndarray) -> np.ndarray:
 
 def operator_spectrum(layer: Any) -> np.ndarray:
     """Exact operator singular values from the torch oracle (symmetric pads only)."""
-    from tests.oracle import conv_matrix, singular_values
+    from oracle import conv_matrix, singular_values
 
     d = layer.spatial_dims
     assert layer.pads[:d] == layer.pads[d:], "oracle takes symmetric pads"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from oracle import conv_matrix, conv_transpose_matrix
 
+from specprof.engine.operator import ConvGeometry, conv_geometry
 from specprof.engine.types import Layer, Request
 from specprof.plugins.backends import toeplitz
 from specprof.plugins.backends.toeplitz import ToeplitzBackend
@@ -121,7 +122,7 @@ def test_bounds_bracket_true_norm_and_count_matches(layer: Layer) -> None:
 @pytest.mark.parametrize("layer", ZOO[:17], ids=_ids(ZOO[:17]))
 def test_operator_apply_adjoint_and_frobenius_match_oracle(layer: Layer) -> None:
     matrix = dense(layer)
-    geom = toeplitz.conv_geometry(layer)
+    geom = conv_geometry(layer)
     if geom.transposed:
         matrix = matrix.T  # the backend works with the conv the ConvTranspose is adjoint of
     rng = np.random.default_rng(0)
@@ -132,11 +133,11 @@ def test_operator_apply_adjoint_and_frobenius_match_oracle(layer: Layer) -> None
     assert toeplitz.zero_padded_frobenius_sq(geom) == pytest.approx(np.sum(matrix**2), rel=1e-12)
 
 
-def conv_apply(geom: toeplitz.ConvGeometry, x: np.ndarray) -> np.ndarray:
+def conv_apply(geom: ConvGeometry, x: np.ndarray) -> np.ndarray:
     return toeplitz.conv_apply(geom, x.reshape(geom.c_in, *geom.n)).ravel()
 
 
-def conv_adjoint(geom: toeplitz.ConvGeometry, y: np.ndarray) -> np.ndarray:
+def conv_adjoint(geom: ConvGeometry, y: np.ndarray) -> np.ndarray:
     return toeplitz.conv_adjoint(geom, y.reshape(geom.c_out, *geom.out)).ravel()
 
 
@@ -202,3 +203,15 @@ def test_registered_and_torch_free() -> None:
     code = ("import sys, specprof.plugins.backends.toeplitz; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cost_covers_bounds_and_samples() -> None:
+    from specprof.plugins.backends.fft_circulant import FftCirculantBackend
+
+    layer = ZOO[0]
+    cost = ToeplitzBackend().cost(layer, Request())
+    assert cost is not None and cost > 0
+    # More than the circular spectrum alone: two certified norms and the lower bound on top.
+    circular = FftCirculantBackend().cost(layer, Request(boundary="circular"))
+    assert circular is not None and cost > circular
+    assert ToeplitzBackend(power_iterations=50).cost(layer, Request()) > cost

@@ -9,8 +9,10 @@ operator's exact squared Frobenius norm (closed form). The grid is a parameter (
 ``ToeplitzBackend``); ``benchmarks/toeplitz_zoo.py`` measures the candidates against the dense
 zero-padded spectrum and the default is the best measured.
 
-Everything here is NumPy: the true zero-padded operator (for the lower bound) is applied by
-``specprof.engine.operator.ConvApply``, the matrix-free code the ``exact`` backend uses.
+Everything here is NumPy (SciPy's ARPACK and root finder, imported where used): the circulant
+mathematics comes from ``specprof.engine.circulant`` (the ``fft-circulant`` backend's), and the
+true zero-padded operator (for the lower bound) is ``specprof.engine.operator``'s
+``ConvGeometry`` applied by ``ConvApply``, the matrix-free code the ``exact`` backend uses.
 """
 
 from __future__ import annotations
@@ -18,120 +20,50 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, svds
 
 from specprof.engine import hookimpl
-from specprof.engine.base import Backend
-from specprof.engine.operator import ConvApply
+from specprof.engine.base import NOMINAL_FLOPS, Backend
+from specprof.engine.circulant import (
+    circulant_norm,
+    circulant_norm_flops,
+    circulant_spectrum,
+    circulant_spectrum_flops,
+)
+from specprof.engine.errors import InputShapeError
+from specprof.engine.operator import ConvApply, ConvGeometry, apply_pair_flops, conv_geometry
 from specprof.engine.parallel import one_blas_thread
 from specprof.engine.types import Layer, Request, Spectrum, Support
-from specprof.plugins.backends.fft_circulant import circulant_norm, circulant_spectrum
 
 # Relative margin added to the computed upper bound to cover floating-point rounding of the
 # top symbol's norm (from its Gram's largest eigenvalue: LAPACK's backward error ~ r eps ||P||^2,
 # ~ r eps / 2 relative on the norm, far below this); every other symbol is proven below it by
-# ``fft-circulant``'s Cholesky certificates, which carry their own rounding bounds.
+# the circulant top-k search's Cholesky certificates, which carry their own rounding bounds.
 ROUNDING_MARGIN = 1e-11
+# Consecutive embedding grids ``certified_upper_bound`` tries (the smallest bound is kept).
+UPPER_BOUND_TRIES = 2
+# For ``cost``: pairs of products (A, A^T) that ARPACK takes for the lower bound's top singular
+# vector at tol=1e-3, typically (measured 34-194 on layers of 8-512 channels), and its own
+# nominal flops per pair and vector entry (reorthogonalization against ~20 Lanczos vectors).
+LOWER_BOUND_LANCZOS_PAIRS = 100
+ARPACK_FLOPS_PER_ENTRY = 500
+# Nominal flops per singular value of resampling the sorted samples and fitting the power law
+# (a sort, then up to ~50 root-finding steps, each a power of all values), for ``cost``.
+FIT_FLOPS_PER_VALUE = 5000
 # Symbol matrices are processed in chunks of about this many complex entries (memory cap).
 _CHUNK_ENTRIES = 4_000_000
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """A zero-padded forward convolution, in NumPy terms.
-
-    ``weight`` is (c_out, c_in / groups, k_1..k_d); the operator maps x of shape
-    (c_in, n_1..n_d) to y of shape (c_out, out_1..out_d) with
-    y[o, p] = sum_{c, a} W[o, c, a] x[c, s p + dil a - pad_begin] (x zero outside the grid).
-    A ConvTranspose is represented by the convolution it is the adjoint of (``transposed``).
-    """
-
-    weight: np.ndarray
-    groups: int
-    n: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pad_begin: tuple[int, ...]
-    pad_end: tuple[int, ...]
-    transposed: bool = False
-
-    @property
-    def d(self) -> int:
-        return len(self.n)
-
-    @property
-    def kernel(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
-
-    @property
-    def c_out(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def c_in(self) -> int:
-        return int(self.weight.shape[1]) * self.groups
-
-    @property
-    def out(self) -> tuple[int, ...]:
-        return tuple((n + pb + pe - dl * (k - 1) - 1) // s + 1 for n, pb, pe, dl, k, s in zip(
-            self.n, self.pad_begin, self.pad_end, self.dilations, self.kernel, self.strides, strict=True))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(rows, cols) of the convolution's matrix."""
-        return self.c_out * math.prod(self.out), self.c_in * math.prod(self.n)
-
-    @property
-    def n_values(self) -> int:
-        return min(self.shape)
-
-    def grouped_weight(self) -> np.ndarray:
-        """(groups, c_out/groups, c_in/groups, k...)."""
-        w = self.weight
-        return w.reshape(self.groups, w.shape[0] // self.groups, *w.shape[1:])
-
-
-def conv_geometry(layer: Layer) -> ConvGeometry:
-    """The zero-padded forward convolution whose singular values are the layer's.
-
-    A ConvTranspose with weight (c_in, c_out/g, k) on an n-grid is the adjoint of the Conv with
-    the same weight array (read as (c_out', c_in'/g, k)) and the same strides, dilations and
-    pads, applied to the ConvTranspose's output grid m = s (n-1) + output_padding + dil (k-1)
-    + 1 - pads; that Conv has exactly n outputs, and adjoints share singular values.
-    """
-    if layer.input_shape is None:
-        raise ValueError("layer has no input shape")
-    d = layer.spatial_dims
-    pads = tuple(layer.pads)
-    begin, end = pads[:d], pads[d:]
-    spatial = tuple(int(v) for v in layer.input_shape[1:])
-    weight = np.asarray(layer.weight, dtype=np.float64)
-    if layer.op_type == "ConvTranspose":
-        grid = tuple(s * (n - 1) + op + dl * (k - 1) + 1 - pb - pe for n, s, op, dl, k, pb, pe in zip(
-            spatial, layer.strides, layer.output_padding, layer.dilations, layer.kernel_shape,
-            begin, end, strict=True))
-        return ConvGeometry(weight, layer.groups, grid, tuple(layer.strides),
-                            tuple(layer.dilations), begin, end, transposed=True)
-    return ConvGeometry(weight, layer.groups, spatial, tuple(layer.strides),
-                        tuple(layer.dilations), begin, end)
-
 
 # --------------------------------------------------------------------------- true operator
 
 
 def true_operator(geom: ConvGeometry) -> ConvApply:
-    """The zero-padded convolution ``geom`` as specprof's matrix-free operator (the same code
-    as the ``exact`` backend's top-k): ``matvec`` is A, ``rmatvec`` its adjoint, on flat
-    vectors."""
-    layer = Layer(name="toeplitz", op_type="Conv", weight=geom.weight, groups=geom.groups,
-                  strides=geom.strides, dilations=geom.dilations,
-                  pads=(*geom.pad_begin, *geom.pad_end), input_shape=(geom.c_in, *geom.n))
-    return ConvApply(layer, "zeros")
+    """The zero-padded convolution ``geom`` (its conv side, also for a ConvTranspose) as
+    specprof's matrix-free operator (the same code as the ``exact`` backend's top-k):
+    ``matvec`` is A, ``rmatvec`` its adjoint, on flat vectors."""
+    return ConvApply(replace(geom, transposed=False))
 
 
 def conv_apply(geom: ConvGeometry, x: np.ndarray) -> np.ndarray:
@@ -211,16 +143,23 @@ def _grid(m: int, shift: float = 0.0) -> np.ndarray:
 
 
 def _circulant_form(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[Any, ...]:
-    """``fft-circulant``'s arguments for the strided circular conv on the grid s * ``grid``."""
+    """The circulant functions' arguments (kernels, grid, strides, dilations) for the strided
+    circular conv on the grid s * ``grid``."""
     full = tuple(m * s for m, s in zip(grid, geom.strides, strict=True))
     return geom.grouped_weight(), full, geom.strides, geom.dilations
+
+
+def _circulant_shape(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[Any, ...]:
+    """``_circulant_form`` with the kernels' shape in place of the kernels (for costs)."""
+    kernels, full, strides, dilations = _circulant_form(geom, grid)
+    return kernels.shape, full, strides, dilations
 
 
 def symbol_singular_values(geom: ConvGeometry, grid: tuple[int, ...]) -> np.ndarray:
     """All singular values of the polyphase symbol sampled on the DFT grid ``grid`` (sizes per
     dimension, in polyphase units): the exact spectrum of the strided circular convolution on
-    the grid s * grid, from ``fft-circulant`` (half grid, threads, Gram eigenvalues where they
-    are accurate), expanded."""
+    the grid s * grid, from ``circulant_spectrum`` (half grid, threads, Gram eigenvalues where
+    they are accurate), expanded."""
     values, multiplicities = circulant_spectrum(*_circulant_form(geom, grid))
     return np.repeat(values, multiplicities)
 
@@ -244,8 +183,8 @@ def embedding_grid(geom: ConvGeometry, extra: int = 0) -> tuple[int, ...]:
 def _top_of_grid(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[float, np.ndarray, np.ndarray]:
     """(max symbol norm, its frequency, its top right singular vector) on a DFT grid.
 
-    The norm is ``fft-circulant``'s certified sigma_max of the circular conv on that grid
-    (every frequency's symbol is proven below it, or decomposed), with the frequency that
+    The norm is the certified sigma_max of the circular conv on that grid (``circulant_norm``:
+    every frequency's symbol is proven below it, or decomposed), with the frequency that
     attains it on the half grid; the vector comes from this module's own symbol there."""
     kernel = _polyphase_kernel(geom)
     best, g, f = circulant_norm(*_circulant_form(geom, grid))
@@ -261,7 +200,8 @@ def _top_of_grid(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[float, np.n
     return best, theta, vector
 
 
-def certified_upper_bound(geom: ConvGeometry, tries: int = 2) -> tuple[float, tuple[float, ...], np.ndarray]:
+def certified_upper_bound(geom: ConvGeometry, tries: int = UPPER_BOUND_TRIES
+                          ) -> tuple[float, tuple[float, ...], np.ndarray]:
     """A proven upper bound of ||A||_2 for the zero-padded convolution A.
 
     Proof. Per dimension let L = min(pad_begin, dil (k-1)), R = min(pad_end, dil (k-1)) and m a
@@ -328,6 +268,8 @@ def certified_lower_bound(geom: ConvGeometry, theta: tuple[float, ...], vector: 
 def _lanczos_lower_bound(geom: ConvGeometry, operator: ConvApply, start: np.ndarray) -> float:
     """||A v|| / ||v|| for ARPACK's top right singular vector v (Lanczos converges where the
     power iteration is slow); 0 when the operator is too small for ARPACK or it fails."""
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, svds
+
     rows, cols = geom.shape
     if min(rows, cols) < 3:
         return 0.0
@@ -369,6 +311,8 @@ def _anchored_power(values: np.ndarray, top: float, frobenius_sq: float) -> np.n
     ``top`` and the energy lost to the zero padding is taken mostly from the smaller values:
     the measured error of a uniform Frobenius rescale is an underestimated sigma_max and an
     overestimated bulk."""
+    from scipy.optimize import brentq
+
     ratio = values / values[0]
     target = frobenius_sq / top**2
 
@@ -383,6 +327,15 @@ def _anchored_power(values: np.ndarray, top: float, frobenius_sq: float) -> np.n
     else:
         gamma = float(brentq(excess, low, high, xtol=1e-10))
     return top * ratio**gamma
+
+
+def sampling_grid(geom: ConvGeometry, alpha: float) -> tuple[int, ...]:
+    """The DFT grid (polyphase units) ``approximate_singular_values`` samples the symbol on:
+    G_0 + alpha (G_1 - G_0) per dimension, rounded, between the plain circular grid
+    G_0 = ceil(n / s) and the embedding grid G_1 (``embedding_grid``)."""
+    g0 = [-(-n // s) for n, s in zip(geom.n, geom.strides, strict=True)]
+    g1 = embedding_grid(geom)
+    return tuple(max(1, round(a + alpha * (b - a))) for a, b in zip(g0, g1, strict=True))
 
 
 def approximate_singular_values(geom: ConvGeometry, alpha: float = 0.5,
@@ -403,10 +356,8 @@ def approximate_singular_values(geom: ConvGeometry, alpha: float = 0.5,
     """
     if adjust not in ADJUSTMENTS:
         raise ValueError(f"adjust must be one of {ADJUSTMENTS}")
-    g0 = [-(-n // s) for n, s in zip(geom.n, geom.strides, strict=True)]
-    g1 = embedding_grid(geom)
-    grid = tuple(max(1, round(a + alpha * (b - a))) for a, b in zip(g0, g1, strict=True))
-    values = resample_sorted(symbol_singular_values(geom, grid), geom.n_values)
+    values = resample_sorted(symbol_singular_values(geom, sampling_grid(geom, alpha)),
+                             geom.n_values)
     if adjust == "none" or values[0] <= 0:
         return values
     frobenius_sq = zero_padded_frobenius_sq(geom)
@@ -457,9 +408,11 @@ class ToeplitzBackend(Backend):
             return Support.no("weights contain NaN or Inf")
         if any(p < 0 for p in layer.pads):
             return Support.no("negative pads (cropping) are not supported")
-        geom = conv_geometry(layer)
-        if any(n < 1 for n in geom.n) or any(o < 1 for o in geom.out):
-            return Support.no("the convolution has an empty input or output on this input size")
+        try:
+            geom = conv_geometry(layer)
+        except InputShapeError as error:
+            return Support.no("the convolution has an empty input or output on this input size "
+                              f"({error.message})")
         if geom.transposed and layer.output_shape is not None:
             if tuple(layer.output_shape[1:]) != geom.n:
                 return Support.no("ConvTranspose output_shape disagrees with its pads and "
@@ -469,6 +422,21 @@ class ToeplitzBackend(Backend):
             return Support.no("output_padding must be smaller than the stride")
         return Support.yes()
 
+    def cost(self, layer: Layer, request: Request) -> float | None:
+        """What ``compute`` does, in flops at ``NOMINAL_FLOPS``: a certified top-1 of the
+        circular conv on each embedding grid tried (upper bound), power and Lanczos products
+        with the true operator (lower bound), the full circular spectrum on the sampling grid
+        and the fit of all values (approximation)."""
+        geom = conv_geometry(layer)
+        flops = sum(circulant_norm_flops(*_circulant_shape(geom, embedding_grid(geom, extra)))
+                    for extra in range(UPPER_BOUND_TRIES))
+        pairs = self.power_iterations + 1 + LOWER_BOUND_LANCZOS_PAIRS
+        flops += pairs * (apply_pair_flops(geom) + ARPACK_FLOPS_PER_ENTRY * geom.n_values)
+        flops += circulant_spectrum_flops(*_circulant_shape(geom, sampling_grid(geom,
+                                                                                self.alpha)))
+        flops += FIT_FLOPS_PER_VALUE * geom.n_values
+        return flops / NOMINAL_FLOPS
+
     def compute(self, layer: Layer, request: Request) -> Spectrum:
         start = time.perf_counter()
         geom = conv_geometry(layer)
@@ -476,13 +444,15 @@ class ToeplitzBackend(Backend):
             upper, theta, vector = certified_upper_bound(geom)
             lower = certified_lower_bound(geom, theta, vector, self.power_iterations)
             values = approximate_singular_values(geom, self.alpha, self.adjust, top=lower)
+        complete = request.top_k is None or request.top_k >= values.size
         if request.top_k is not None:
             values = values[: request.top_k]
         params = {**request.params(), "alpha": self.alpha, "adjust": self.adjust}
         return Spectrum(values=values, kind="operator", backend=self.name, exact=False,
                         boundary="zeros", upper_bound=upper, lower_bound=lower,
                         seconds=time.perf_counter() - start, device="cpu", params=params,
-                        note="approximate values; certified bounds on sigma_max")
+                        note="approximate values; certified bounds on sigma_max",
+                        complete=complete)
 
 
 @hookimpl

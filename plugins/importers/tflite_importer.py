@@ -4,29 +4,30 @@ Float16 weights come out as float16 initializers behind a ``Cast``; int8 weights
 or full-integer quantization) as int8 initializers behind ``DequantizeLinear``, which the
 engine's weight resolver folds back to float. TFLite graphs are channels-last like Keras: each
 graph input of rank 3 or more is given a channels-first twin (a ``Transpose`` in front), so
-that ``input_shape`` is (C, H, W) here as everywhere. tensorflow and tf2onnx are imported
-inside functions only.
+that ``input_shape`` is (C, H, W) here as everywhere. tensorflow, tf2onnx and onnx are imported
+inside functions only (the converter helpers are ``specprof.engine.tf_convert``'s).
 """
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Importer, ImportOptions
 from specprof.engine.errors import ModelLoadError
-from specprof.engine.normalize import TARGET_OPSET
-from specprof.plugins.importers.keras_importer import (
+from specprof.engine.tf_convert import (
     check_converted,
     first_line,
     import_tf2onnx,
     inputs_channels_first,
     quiet_tensorflow,
 )
+from specprof.engine.types import TARGET_OPSET
+
+if TYPE_CHECKING:
+    import onnx
 
 TFLITE_MAGIC = b"TFL3"
 """The flatbuffer file identifier, at bytes 4..8 of every .tflite file."""
