@@ -45,6 +45,7 @@ def weightwatcher_alphas(model: Any) -> list[dict[str, Any]]:
 
 def specprof_alphas(model: Any, size: int, kind: str, backend: str) -> list[dict[str, Any]]:
     from specprof.engine import api
+    from specprof.engine.base import AnalysisContext
     from specprof.engine.store import Store
     from specprof.plugins.analyzers.spectral import SpectralAnalyzer
 
@@ -52,8 +53,8 @@ def specprof_alphas(model: Any, size: int, kind: str, backend: str) -> list[dict
         db = f"{folder}/specprof.db"
         frame = api.profile(model, backend=backend, db=db, input_shape=(3, size, size))
         with Store.open(db) as store:
-            rows = SpectralAnalyzer().analyze(store, int(frame.attrs["run_id"]),
-                                              {"kind": kind, "store_results": False})
+            context = AnalysisContext(store, {"kind": kind, "store_results": False})
+            rows = SpectralAnalyzer().analyze(context, int(frame.attrs["run_id"]))
     return [{f"{kind}_alpha": r["alpha"], f"{kind}_n": r["n_values"], "layer": r["layer"]}
             for r in rows.to_dict("records")]
 

@@ -16,14 +16,16 @@ import pandas as pd
 from specprof.engine.errors import BackendError
 from specprof.engine.loading import load_model as _load_model
 from specprof.engine.loading import parse_input_shape
-from specprof.engine.plugins import Registry
+from specprof.engine.plugins import Registry, get_registry
 from specprof.engine.profile import (
     AUTO,
     BoundaryChoice,
     LayerOutcome,
     ProfileConfig,
     choose_backend,
+    compute_spectrum,
     profile_model,
+    split_names,
     validate_backends,
 )
 from specprof.engine.store import Store, load_spectrum
@@ -33,6 +35,10 @@ __all__ = ["load_model", "load_spectrum", "profile", "query", "singular_values"]
 
 OUTCOME_COLUMNS = ["run", "index", "layer", "op_type", "shape", "backend", "status", "sigma_max",
                    "sigma_min", "n_values", "lower_bound", "upper_bound", "seconds", "reason"]
+
+
+def _names(names: str | Sequence[str]) -> tuple[str, ...]:
+    return split_names(names) if isinstance(names, str) else tuple(names)
 
 
 def _shape(input_shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -55,7 +61,7 @@ def load_model(source: str | os.PathLike[str] | Any, *, format: str | None = Non
     if isinstance(source, LoadedModel):
         return source
     return _load_model(source, format=format, input_shape=_shape(input_shape),
-                       model_class=model_class, registry=registry or Registry.from_manager(),
+                       model_class=model_class, registry=registry or get_registry(),
                        name=name, fold_batchnorm=fold_batchnorm,
                        skip_unsupported=skip_unsupported)
 
@@ -94,7 +100,7 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
             db: str | None = None, input_shape: str | Sequence[int] | None = None,
             boundary: BoundaryChoice = "model", device: str = "cpu", top_k: int | None = None,
             precision: str = "float64", max_dense: int = 4096, force: bool = False,
-            resume: bool = False, format: str | None = None, model_class: str | None = None,
+            resume: bool = False, prefer: str | Sequence[str] = (), format: str | None = None, model_class: str | None = None,
             name: str | None = None, on_layer: Callable[[LayerOutcome], None] | None = None,
             fold_batchnorm: bool = False, skip_unsupported: bool = False) -> pd.DataFrame:
     """Profile every linear layer of ``model`` and store the run; returns the per-layer table.
@@ -103,14 +109,16 @@ def profile(model: str | os.PathLike[str] | Any, *, backend: str | Sequence[str]
     layer). The run's id is in ``frame.attrs["run_id"]``. Spectra already stored for the same
     layer content, backend and parameters are reused unless ``force``; ``resume`` continues the
     last interrupted run of this model and configuration instead of starting a new one.
-    ``fold_batchnorm`` and ``skip_unsupported`` are passed to ``load_model``.
+    ``prefer`` names backends ``auto`` tries first where they support a layer; ``device``
+    is cpu, cuda, cuda:N or auto (resolved once, here). ``fold_batchnorm`` and
+    ``skip_unsupported`` are passed to ``load_model``.
     """
-    names = tuple(b.strip() for b in backend.split(",")) if isinstance(backend, str) else tuple(backend)
-    config = ProfileConfig(backends=names, boundary=boundary, device=device, top_k=top_k,
-                           precision=precision,  # type: ignore[arg-type]
-                           max_dense=max_dense, force=force, resume=resume)
-    registry = Registry.from_manager()
-    validate_backends(config.backends, registry)  # before a possibly slow import
+    config = ProfileConfig(backends=_names(backend), boundary=boundary, device=device,
+                           top_k=top_k, precision=precision,  # type: ignore[arg-type]
+                           max_dense=max_dense, force=force, resume=resume,
+                           prefer=_names(prefer))
+    registry = get_registry()
+    validate_backends(config.backends, registry, config.prefer)  # before a possibly slow import
     loaded = load_model(model, format=format, input_shape=input_shape, model_class=model_class,
                         name=name, registry=registry, fold_batchnorm=fold_batchnorm,
                         skip_unsupported=skip_unsupported)
@@ -140,10 +148,9 @@ def singular_values(layer: Layer, backend: str = AUTO, *, boundary: BoundaryChoi
 
     ``boundary="model"`` uses the layer's own padding (``layer.padding_mode``).
     """
-    registry = Registry.from_manager()
     config = ProfileConfig(boundary=boundary, device=device, top_k=top_k, max_dense=max_dense)
     request = config.request(layer)
-    chosen, reason = choose_backend(layer, request, backend, registry)
+    chosen, reason = choose_backend(layer, request, backend, get_registry())
     if chosen is None:
         raise BackendError(f"layer {layer.name}: {reason}")
-    return chosen.compute(layer, request)
+    return compute_spectrum(chosen, layer, request)

@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import onnx
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from specprof.engine.types import Layer, Request, Spectrum, SpectrumKind, Support
 
+if TYPE_CHECKING:
+    import onnx
+    import pandas as pd
+    from rich.console import Console
 
-def _missing_modules(modules: tuple[str, ...]) -> list[str]:
+    from specprof.engine.store import Store
+    from specprof.engine.types import LoadedModel
+
+NOMINAL_FLOPS = 1e10
+"""Floating-point operations per second that ``Backend.cost`` estimates assume: about one
+modern CPU core on LAPACK. Costs only need to compare backends with each other, so one
+nominal rate for all keeps them comparable across plugins."""
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    """The modules of ``modules`` that cannot be imported here (found without importing)."""
     missing = []
     for module in modules:
         try:
@@ -30,7 +44,9 @@ def _missing_modules(modules: tuple[str, ...]) -> list[str]:
     return missing
 
 
-class _Plugin:
+class PluginObject:
+    """What every importer, backend and analyzer declares: its name and what it needs."""
+
     name: ClassVar[str]
     description: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
@@ -40,7 +56,8 @@ class _Plugin:
 
     @classmethod
     def available(cls) -> Support:
-        missing = _missing_modules(cls.requires)
+        """Whether this plugin's dependencies are installed; never raises."""
+        missing = missing_modules(cls.requires)
         if not missing:
             return Support.yes()
         how = f"pip install 'specprof[{cls.extra}]'" if cls.extra else f"pip install {' '.join(missing)}"
@@ -59,7 +76,7 @@ class ImportOptions:
     ``--skip-unsupported``); importers that cannot convert part of a model say so otherwise."""
 
 
-class Importer(_Plugin, ABC):
+class Importer(PluginObject, ABC):
     """Turns a model (a file, or a framework object in the Python API) into ONNX."""
 
     framework: ClassVar[str]
@@ -78,8 +95,13 @@ class Importer(_Plugin, ABC):
         """Return the model as ONNX. Raise ``ModelLoadError`` with a hint for bad input."""
 
 
-class Backend(_Plugin, ABC):
-    """Computes one kind of spectrum of a layer."""
+class Backend(PluginObject, ABC):
+    """Computes one kind of spectrum of a layer.
+
+    ``exact`` says whether the values it returns are the true singular values (up to
+    floating-point error) of what it was asked; ``cost`` estimates what that takes, so that
+    ``auto`` can weigh every installed backend, third-party ones included.
+    """
 
     kind: ClassVar[SpectrumKind]
     exact: ClassVar[bool]
@@ -89,14 +111,73 @@ class Backend(_Plugin, ABC):
         """Whether ``compute`` can handle this layer and request, and if not, why."""
         return Support.yes()
 
+    def cost(self, layer: Layer, request: Request) -> float | None:
+        """Estimated seconds of ``compute`` on this layer and request, at ``NOMINAL_FLOPS``.
+
+        Called only where ``supports`` said yes. None (the default) means "no estimate":
+        ``auto`` then considers this backend only where the user prefers it by name.
+        """
+        return None
+
     @abstractmethod
     def compute(self, layer: Layer, request: Request) -> Spectrum:
-        """Singular values of ``layer``. Called only after ``supports`` said yes."""
+        """Singular values of ``layer``. Called only after ``supports`` said yes.
+
+        A backend that returns only the largest values (``request.top_k``, or a norm-only
+        method) says so with ``Spectrum(..., complete=False)``."""
 
 
-class Analyzer(_Plugin, ABC):
+@dataclass
+class AnalysisContext:
+    """What an analyzer gets to work with: the open store, where to say things, its options.
+
+    Analyzers read the stored results through ``store`` and write their metrics back through
+    it; ``say`` prints a note for the user (stderr, so tables and JSON on stdout stay clean);
+    ``load_model`` and ``profile`` give access to the engine's import and profile stages for
+    analyzers that need the weights or a spectrum not yet stored.
+    """
+
+    store: Store
+    options: dict[str, Any] = field(default_factory=dict)
+    console: Console | None = None
+    quiet: bool = False
+    load_model: Callable[..., LoadedModel] | None = None
+    profile: Callable[..., int] | None = None
+    """``profile(model, backends) -> run id``: profile a loaded model into ``store``."""
+    progress: Callable[[int | None, str], AbstractContextManager[Callable[[Any], None]]] | None = None
+    """``progress(total, description)``: a context giving a callback to call per item done."""
+
+    def say(self, text: str) -> None:
+        """Print a note for the user (plain text: brackets are not markup)."""
+        if self.console is not None and not self.quiet:
+            self.console.print(text, markup=False, highlight=False)
+
+    def load(self, source: Any, **options: Any) -> LoadedModel:
+        """Import a model (a path or a framework object) with ``load_model``, or the engine's
+        own loader when the context was given none."""
+        if self.load_model is not None:
+            return self.load_model(source, **options)
+        from specprof.engine.loading import load_model
+
+        return load_model(source, **options)
+
+    def track(self, total: int | None, description: str
+              ) -> AbstractContextManager[Callable[[Any], None]]:
+        """A progress bar over ``total`` items (none when quiet or not on a terminal)::
+
+            with context.track(len(layers), "analyzing") as tick:
+                for layer in layers:
+                    ...
+                    tick(layer)
+        """
+        if self.progress is None or self.quiet:
+            return nullcontext(lambda _item: None)
+        return self.progress(total, description)
+
+
+class Analyzer(PluginObject, ABC):
     """Reads stored results and writes derived metrics back to the store."""
 
     @abstractmethod
-    def analyze(self, store: Any, run_id: int, options: dict[str, Any]) -> Any:
-        """Analyze one stored run; returns a pandas DataFrame."""
+    def analyze(self, context: AnalysisContext, run_id: int) -> pd.DataFrame:
+        """Analyze one stored run; returns a per-layer (or per-item) DataFrame."""

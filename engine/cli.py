@@ -2,118 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import sys
 from typing import Any
 
 import click
 
+from specprof.engine.cli_common import (
+    DB_OPTION,
+    OUTPUT_FORMATS,
+    SpecprofGroup,
+    bounds_text,
+    console,
+    emit,
+    is_missing,
+    number,
+    print_wide,
+    short_name,
+    warn,
+)
 from specprof.engine.errors import SpecprofError
-
-OUTPUT_FORMATS = click.Choice(["table", "json", "csv"])
-DB_OPTION = click.option(
-    "--db", metavar="URL",
-    help="Database: a SQLite file path or an SQLAlchemy URL (postgresql://...). "
-         "Default: $SPECPROF_DB, else ~/.local/share/specprof/specprof.db.")
-
-
-class SpecprofGroup(click.Group):
-    """Turns a ``SpecprofError`` anywhere below into one line on stderr and exit status 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SpecprofError as error:
-            raise click.ClickException(error.one_line()) from None
-
-
-def _console(quiet: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet)
-
-
-def _jsonable(value: Any) -> Any:
-    """A JSON-ready copy of a table cell: NaN/NA -> null, numpy scalars -> Python, times -> ISO."""
-    import pandas as pd  # already imported by whoever built the frame
-
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if pd.api.types.is_scalar(value) and pd.isna(value):
-        return None
-    if hasattr(value, "isoformat"):  # datetime, pandas Timestamp
-        return value.isoformat()
-    if hasattr(value, "item"):  # numpy scalar
-        return value.item()
-    return value
-
-
-def emit(frame: Any, fmt: str, title: str = "", columns: list[str] | None = None) -> None:
-    """Write a DataFrame to stdout as a rich table, JSON records (NaN -> null) or CSV."""
-    if columns is not None:
-        frame = frame[[c for c in columns if c in frame.columns]]
-    if fmt == "json":
-        records = [{k: _jsonable(v) for k, v in row.items()} for row in frame.to_dict("records")]
-        click.echo(json.dumps(records, indent=2))
-    elif fmt == "csv":
-        click.echo(frame.to_csv(index=False), nl=False)
-    else:
-        _print_table(frame, title)
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _number(value: Any, fmt: str) -> str:
-    return "" if _missing(value) else format(value, fmt)
-
-
-def _bounds(lower: Any, upper: Any) -> str:
-    """``[lower, upper]`` of a spectral norm, or '' when the backend gave no bounds."""
-    if _missing(lower) and _missing(upper):
-        return ""
-    return f"[{_number(lower, '.4g')}, {_number(upper, '.4g')}]"
-
-
-def _print_wide(table: Any) -> None:
-    """Print a rich table at least 120 columns wide, also when stdout is not a terminal."""
-    from rich.console import Console
-
-    Console(width=max(120, Console().width)).print(table)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return _number(value, ".4g")
-    if isinstance(value, list):
-        return f"[{len(value)} values]"
-    return "" if value is None else str(value)
-
-
-def _print_table(frame: Any, title: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=title or None, title_justify="left")
-    for column in frame.columns:
-        numeric = frame[column].dtype.kind in "fiu"
-        table.add_column(str(column), justify="right" if numeric else "left",
-                         overflow="fold")
-    layer_column = list(frame.columns).index("layer") if "layer" in frame.columns else -1
-    for row in frame.itertuples(index=False):
-        cells = [_cell(v) for v in row]
-        if layer_column >= 0:
-            cells[layer_column] = short_name(cells[layer_column])
-        table.add_row(*cells)
-    _print_wide(table)
-
-
-@click.group(cls=SpecprofGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="specprof")
-def cli() -> None:
-    """Profile the singular values of a model's linear layers and query the stored results."""
 
 
 def _model_options(func: Any) -> Any:
@@ -132,7 +39,7 @@ def _model_options(func: Any) -> Any:
     return func
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @DB_OPTION
 @click.option("--backend", default="auto", show_default=True,
@@ -142,7 +49,11 @@ def _model_options(func: Any) -> Any:
               help="model: each layer's own padding (zeros, or circular where the model wraps "
                    "the input); zeros/circular: that boundary for every layer.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Only the K largest singular values.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu).")
+@click.option("--prefer", metavar="NAME,...",
+              help="Backends auto tries first, in this order, where they support the layer "
+                   "(e.g. a plugin's backend); otherwise auto picks by cost.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64",
               show_default=True)
 @click.option("--max-dense", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -155,47 +66,44 @@ def _model_options(func: Any) -> Any:
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int | None,
-            device: str, precision: str, max_dense: int, force: bool, resume: bool,
+            device: str, prefer: str | None, precision: str, max_dense: int, force: bool, resume: bool,
             name: str | None,
             input_shape: str | None, model_format: str | None, model_class: str | None,
             output_format: str, quiet: bool, fold_batchnorm: bool = False,
             skip_unsupported: bool = False) -> None:
     """Compute the spectra of every linear layer of MODEL and store the run."""
     from specprof.engine import api
+    from specprof.engine.plugins import get_registry
+    from specprof.engine.profile import ProfileConfig, split_names, validate_backends
     from specprof.engine.progress import layer_progress
 
+    preferred = split_names(prefer)
+    ProfileConfig(device=device)  # a bad --device fails before the model is loaded
+    validate_backends(split_names(backend), get_registry(), preferred)
     loaded = api.load_model(model, format=model_format, input_shape=input_shape,
                             model_class=model_class, name=name, fold_batchnorm=fold_batchnorm,
                             skip_unsupported=skip_unsupported)
     n_tasks = len(loaded.layers) * len(backend.split(","))
     with layer_progress(n_tasks, f"profiling {loaded.name}", quiet or output_format != "table") as tick:
         frame = api.profile(loaded, backend=backend, db=db, boundary=boundary,  # type: ignore[arg-type]
-                            device=device, top_k=top_k, precision=precision,
+                            device=device, top_k=top_k, precision=precision, prefer=preferred,
                             max_dense=max_dense, force=force, resume=resume, on_layer=tick)
-    _warn(loaded.warnings, quiet)
+    warn(loaded.warnings, quiet)
     title = f"run {frame.attrs['run_id']}: {loaded.name} ({loaded.format}, {len(loaded.layers)} layers)"
     if output_format == "table":
         _print_profile_table(frame, title)
     else:
         emit(frame, output_format)
     if loaded.skipped and output_format == "table" and not quiet:
-        _console().print(f"{len(loaded.skipped)} node(s) not profiled: see 'specprof layers'")
-
-
-_EXPORTER_NAME = re.compile(r"^/(?:[^/]+/)*([^/]+)/(?:Conv|ConvTranspose|Gemm|MatMul)(?:_\d+)?$")
-
-
-def short_name(name: str) -> str:
-    """``features.0`` for torch's exporter names like ``/features/features.0/Conv``."""
-    match = _EXPORTER_NAME.match(name)
-    return match.group(1) if match else name
+        console().print(f"{len(loaded.skipped)} node(s) not profiled: see 'specprof layers'")
 
 
 def _print_profile_table(frame: Any, title: str) -> None:
     """The per-layer table of a run, compact enough for a 120-column terminal."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=Text(title), title_justify="left", header_style="bold")
     for name, justify in (("#", "right"), ("layer", "left"), ("op", "left"),
                           ("backend", "left"), ("σ_max", "right"), ("σ_min", "right"),
                           ("n", "right"), ("bounds on σ_max", "right"), ("time", "right"),
@@ -204,18 +112,17 @@ def _print_profile_table(frame: Any, title: str) -> None:
                          no_wrap=name not in ("layer", "op", "why"), overflow="fold")
     for row in frame.itertuples(index=False):
         ok = row.status in ("ok", "reused")
-        bounds = _bounds(row.lower_bound, row.upper_bound)
         backend = row.backend if row.status == "ok" else f"{row.backend} ({row.status})"
         table.add_row(
-            str(row.index), short_name(row.layer), row.shape,
-            backend if ok else f"[red]{backend}[/]",
-            f"{row.sigma_max:.4g}" if ok else "", f"{row.sigma_min:.4g}" if ok else "",
-            str(row.n_values) if ok else "", bounds,
-            f"{row.seconds:.2f} s" if row.status == "ok" else "", row.reason)
-    _print_wide(table)
+            str(row.index), Text(short_name(row.layer)), Text(row.shape),
+            Text(backend, style="" if ok else "red"),
+            number(row.sigma_max, ".4g") if ok else "", number(row.sigma_min, ".4g") if ok else "",
+            str(row.n_values) if ok else "", Text(bounds_text(row.lower_bound, row.upper_bound)),
+            f"{row.seconds:.2f} s" if row.status == "ok" else "", Text(row.reason or ""))
+    print_wide(table)
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--backends", default="exact,fft-circulant,toeplitz", show_default=True,
               help="Backends to compare, separated by commas; 'exact' is the reference.")
@@ -234,12 +141,12 @@ def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int
     """Run several backends on the layers of MODEL; errors are against the exact backend."""
     from specprof.engine import api
     from specprof.engine.compare import compare_backends
-    from specprof.engine.plugins import Registry
-    from specprof.engine.profile import ProfileConfig, validate_backends
+    from specprof.engine.plugins import get_registry
+    from specprof.engine.profile import ProfileConfig, split_names, validate_backends
     from specprof.engine.store import Store
 
-    registry = Registry.from_manager()
-    config = ProfileConfig(backends=tuple(b.strip() for b in backends.split(",")),
+    registry = get_registry()
+    config = ProfileConfig(backends=split_names(backends),
                            boundary=boundary, top_k=top_k,  # type: ignore[arg-type]
                            max_dense=max_dense, force=force)
     validate_backends(config.backends, registry)
@@ -260,8 +167,9 @@ def compare(model: str, backends: str, db: str | None, boundary: str, top_k: int
 
 def _print_compare_table(frame: Any, title: str) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=Text(title), title_justify="left", header_style="bold")
     for name in ("#", "layer", "backend", "σ_max", "rel. error", "all values", "bounds",
                  "brackets", "time"):
         table.add_column(name, justify="left" if name in ("layer", "backend") else "right",
@@ -271,27 +179,22 @@ def _print_compare_table(frame: Any, title: str) -> None:
         backend = row.backend + (f" ({row.boundary})" if row.fallback else "")
         if row.status not in ("ok", "reused"):
             backend += f" ({row.status})"
-        bounds = _bounds(row.lower_bound, row.upper_bound)
-        brackets = "" if _missing(row.brackets) else ("yes" if row.brackets else "[red]NO[/]")
+        bounds = Text(bounds_text(row.lower_bound, row.upper_bound))
+        brackets = "" if is_missing(row.brackets) else ("yes" if row.brackets else "[red]NO[/]")
         first = row.index != previous
-        seconds = "" if _missing(row.seconds) else f"{row.seconds:.3f} s"
-        table.add_row(str(row.index) if first else "", short_name(row.layer) if first else "",
-                      backend, _number(row.sigma_max, ".6g"), _number(row.rel_error, ".2%"),
-                      _number(row.spectrum_error, ".2%"), bounds, brackets, seconds)
+        seconds = "" if is_missing(row.seconds) else f"{row.seconds:.3f} s"
+        table.add_row(str(row.index) if first else "",
+                      Text(short_name(row.layer)) if first else "",
+                      Text(backend), number(row.sigma_max, ".6g"), number(row.rel_error, ".2%"),
+                      number(row.spectrum_error, ".2%"), bounds, brackets, seconds)
         previous = row.index
-    _print_wide(table)
-    _console().print("rel. error: |σ_max - exact| / exact;  all values: mean |σ_i - exact_i| / "
+    print_wide(table)
+    console().print("rel. error: |σ_max - exact| / exact;  all values: mean |σ_i - exact_i| / "
                      "exact σ_max;  (circular): the backend answers the periodic operator only",
                      highlight=False)
 
 
-def _warn(warnings: tuple[str, ...], quiet: bool) -> None:
-    console = _console(quiet)
-    for warning in warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-
-
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @_model_options
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
@@ -315,31 +218,32 @@ def layers(model: str, input_shape: str | None, model_format: str | None,
              for node in loaded.skipped]
     title = (f"{loaded.name}: imported by '{loaded.format}' ({loaded.framework}), opset "
              f"{loaded.opset}, {len(loaded.layers)} layers, {loaded.n_params:,} parameters")
-    _warn(loaded.warnings, output_format != "table")
+    warn(loaded.warnings, output_format != "table")
     emit(pd.DataFrame(rows), output_format, title)
 
 
 def _plugin_rows(kind: str | None = None) -> list[dict[str, Any]]:
-    from specprof.engine.plugins import Registry
+    from specprof.engine.plugins import get_registry
 
-    registry = Registry.from_manager()
+    registry = get_registry()
     rows = []
     for plugin_kind, name, support, origin in registry.availability():
         if kind and plugin_kind != kind:
             continue
-        table = {"importer": registry.importers, "backend": registry.backends,
-                 "analyzer": registry.analyzers}[plugin_kind]
-        cls = table[name]
+        cls = registry.table(plugin_kind)[name]
         rows.append({"kind": plugin_kind, "name": name,
                      "spectrum": getattr(cls, "kind", ""),
                      "exact": getattr(cls, "exact", ""),
                      "available": "yes" if support else f"no: {support.reason}",
-                     "from": "built-in" if origin.startswith("specprof.plugins.") else origin,
-                     "description": cls.description})
+                     "from": origin, "description": cls.description})
+    if kind is None:
+        rows += [{"kind": "plugin", "name": broken.name, "spectrum": "", "exact": "",
+                  "available": f"broken: {broken.error}", "from": broken.origin,
+                  "description": broken.hint} for broken in registry.broken]
     return rows
 
 
-@cli.command()
+@click.command()
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 def backends(output_format: str) -> None:
     """List the backends, what they compute, and whether they can run here."""
@@ -349,24 +253,63 @@ def backends(output_format: str) -> None:
     emit(frame, output_format, "backends")
 
 
-@cli.command()
+@click.command()
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 def plugins(output_format: str) -> None:
-    """List every loaded plugin object (importers, backends, analyzers) and where it comes from."""
+    """List every plugin object (importers, backends, analyzers), where it comes from (its
+    distribution and version), and third-party plugins that failed to load."""
     import pandas as pd
 
     frame = pd.DataFrame(_plugin_rows()).drop(columns=["spectrum", "exact"])
     emit(frame, output_format, "plugins")
 
 
+class SpecprofCLI(SpecprofGroup):
+    """The ``specprof`` group: built-in commands, and plugin commands added on first lookup.
+
+    Plugins are loaded only when a command is looked up or listed, so ``--version`` loads
+    none; the registry's warnings (name clashes, broken third-party plugins) are printed once,
+    on stderr, when they are.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from specprof.engine.plugins import get_registry
+
+        registry = get_registry()
+        registry.pm.hook.specprof_register_commands(cli=self)
+        notes = [*registry.warnings,
+                 *(f"plugin {b.name} ({b.origin}) failed to load: {b.error}; {b.hint}"
+                   for b in registry.broken)]
+        warn(notes)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+
 def build_cli() -> click.Group:
-    """The CLI with the commands plugins add through ``specprof_register_commands``."""
-    from specprof.engine import cli_store
-    from specprof.engine.plugins import get_plugin_manager
+    """A fresh ``specprof`` group with every built-in command; plugins add theirs on first use."""
+    from specprof.engine import cli_analyze, cli_store
 
-    cli_store.register(cli)
+    @click.group(cls=SpecprofCLI, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(package_name="specprof")
+    def cli() -> None:
+        """Profile the singular values of a model's linear layers and query the stored results."""
 
-    get_plugin_manager().hook.specprof_register_commands(cli=cli)
+    for command in (profile, compare, layers, backends, plugins, cli_analyze.analyze,
+                    *cli_store.COMMANDS):
+        cli.add_command(command)
     return cli
 
 

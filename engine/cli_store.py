@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from specprof.engine.cli import DB_OPTION, OUTPUT_FORMATS, emit
+from specprof.engine.cli_common import DB_OPTION, OUTPUT_FORMATS, emit
 from specprof.engine.errors import SpecprofError
 
 QUERY_COLUMNS = ["spectrum_id", "run", "model", "layer", "op_type", "shape", "input_shape",
@@ -141,16 +141,8 @@ def import_command(db: str | None, document: Path) -> None:
     """Store a run exported by 'specprof export' as a new run of this database."""
     from specprof.engine.store import Store
 
-    try:
-        data = json.loads(document.read_text())
-    except OSError as error:
-        raise SpecprofError(f"cannot read {document}: {error.strerror or error}",
-                            "check the path") from error
-    except json.JSONDecodeError as error:
-        raise SpecprofError(f"{document} is not JSON: {error}",
-                            "pass a file written by: specprof export --run ID -o run.json") from error
     with Store.open(db) as store:
-        run_id = store.import_run(data)
+        run_id = store.import_file(document)
     click.echo(f"imported as run {run_id}")
 
 
@@ -169,7 +161,5 @@ def db_upgrade(db: str | None) -> None:
     click.echo(f"database at revision {after}" + (f" (was {before})" if before != after else ""))
 
 
-def register(cli: click.Group) -> None:
-    """Add this module's commands to the ``specprof`` group."""
-    for command in (query, runs, delete, export_command, import_command, db):
-        cli.add_command(command)
+COMMANDS: tuple[click.Command, ...] = (query, runs, delete, export_command, import_command, db)
+"""This module's commands, which ``specprof.engine.cli`` adds to the ``specprof`` group."""

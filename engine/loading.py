@@ -17,7 +17,7 @@ from specprof.engine.base import Importer, ImportOptions
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
 from specprof.engine.extract import extract
 from specprof.engine.normalize import default_opset, has_external_data, normalize
-from specprof.engine.plugins import Registry
+from specprof.engine.plugins import Registry, get_registry
 from specprof.engine.types import LoadedModel
 
 # Enough for every importer's magic bytes; the file is read once and the head shared.
@@ -35,7 +35,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 
 def _registry(registry: Registry | None) -> Registry:
-    return registry if registry is not None else Registry.from_manager()
+    return registry if registry is not None else get_registry()
 
 
 def _known(registry: Registry) -> str:

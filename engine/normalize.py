@@ -13,12 +13,12 @@ import onnx
 from onnx import external_data_helper, shape_inference, version_converter
 
 from specprof.engine.errors import InputShapeError, ModelLoadError
+from specprof.engine.types import TARGET_OPSET
 
 # Opset 18 is what torch's ONNX exporter writes by default, what onnxruntime has supported
 # for years, and the version_converter's adapters up to it are well exercised. Nothing we
 # extract changed meaning across opsets (Conv/ConvTranspose/Gemm/MatMul attributes are stable
 # since opset 11), so one fixed target mainly gives shape inference a single set of rules.
-TARGET_OPSET = 18
 
 # Protobuf refuses to serialize one message over 2 GiB; the checker, shape inference and the
 # version converter all serialize the model, so a bigger model must keep its data outside.

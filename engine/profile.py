@@ -15,13 +15,18 @@ from specprof.engine.base import Backend
 from specprof.engine.errors import SpecprofError
 from specprof.engine.plugins import Registry
 from specprof.engine.store import Store
-from specprof.engine.types import Layer, LoadedModel, Request, Spectrum
+from specprof.engine.types import Layer, LoadedModel, Request, Spectrum, resolve_device
 
 AUTO = "auto"
 MODEL_BOUNDARY: Final = "model"
 BoundaryChoice = Literal["model", "zeros", "circular"]
 """``model``: each layer's own padding (zeros, or circular where the model wraps)."""
 Status = Literal["ok", "reused", "skipped", "failed"]
+
+
+def split_names(text: str | None) -> tuple[str, ...]:
+    """``"exact, toeplitz"`` -> ``("exact", "toeplitz")``; None or '' -> ``()``."""
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,13 @@ class ProfileConfig:
     # Continue the newest interrupted/failed run of the same model and configuration (same
     # run id), computing only the (layer, backend) results it lacks.
     resume: bool = False
+    prefer: tuple[str, ...] = ()
+    """Backends ``auto`` tries first (``--prefer``), where they support the layer."""
+
+    def __post_init__(self) -> None:
+        # Resolved once here, so every backend and every layer of a run sees one device.
+        object.__setattr__(self, "device", resolve_device(self.device))
+        object.__setattr__(self, "prefer", tuple(self.prefer))
 
     def request(self, layer: Layer | None = None) -> Request:
         """The question for the backends; with ``boundary="model"`` each layer's own padding."""
@@ -45,12 +57,17 @@ class ProfileConfig:
         if boundary == MODEL_BOUNDARY:
             boundary = layer.padding_mode if layer is not None else "zeros"
         return Request(boundary=boundary, device=self.device,  # type: ignore[arg-type]
-                       top_k=self.top_k, precision=self.precision, max_dense=self.max_dense)
+                       top_k=self.top_k, precision=self.precision, max_dense=self.max_dense,
+                       prefer=self.prefer)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["backends"] = list(self.backends)
         del data["resume"]  # how the run was started, not what it computes
+        if self.prefer:
+            data["prefer"] = list(self.prefer)
+        else:
+            del data["prefer"]  # runs stored before --prefer existed compare equal
         return data
 
 
@@ -72,11 +89,12 @@ class ProfileResult:
     outcomes: list[LayerOutcome] = field(default_factory=list)
 
 
-def validate_backends(names: tuple[str, ...], registry: Registry) -> None:
+def validate_backends(names: tuple[str, ...], registry: Registry,
+                      prefer: tuple[str, ...] = ()) -> None:
     """Fail before anything is stored when a named backend is unknown or unavailable."""
     if not names:
         raise SpecprofError("no backend given", "use --backend auto or a name from 'specprof backends'")
-    for name in names:
+    for name in (*names, *prefer):
         if name != AUTO:
             registry.backend(name)
 
@@ -89,6 +107,10 @@ def choose_backend(layer: Layer, request: Request, name: str,
         support = backend.supports(layer, request)
         return (backend, support.reason) if support else (None, support.reason)
     candidates = {n: b for n, b in registry.available_backends().items() if b.kind == "operator"}
+    for preferred in request.prefer:  # a preferred backend of another kind, e.g. filter
+        backend = registry.backend(preferred)
+        if backend.supports(layer, request):
+            return backend, f"preferred (--prefer {preferred})"
     answer = registry.pm.hook.specprof_select_backend(layer=layer, request=request,
                                                       backends=candidates)
     if answer is None:
@@ -99,12 +121,17 @@ def choose_backend(layer: Layer, request: Request, name: str,
     return candidates[chosen], reason
 
 
-def _compute(backend: Backend, layer: Layer, request: Request) -> Spectrum:
-    """Run the backend; the result is labelled with the request's parameters (its identity
-    in the store) and the wall time, whatever the backend filled in."""
+def compute_spectrum(backend: Backend, layer: Layer, request: Request) -> Spectrum:
+    """Run the backend and label the result with what identifies it in the store.
+
+    The request's parameters are merged over the backend's own (a backend's ``method`` stays
+    on record, the request's keys win); the wall time is filled in if the backend left it.
+    Whether the values are all of them (``complete``) is the backend's to say: the
+    conformance suite checks that a top-k answer says it is partial.
+    """
     started = time.perf_counter()
     spectrum = backend.compute(layer, request)
-    return replace(spectrum, params=request.params(),
+    return replace(spectrum, params={**spectrum.params, **request.params()},
                    seconds=spectrum.seconds or time.perf_counter() - started)
 
 
@@ -122,7 +149,7 @@ def profile_model(
     reason; a layer whose computation fails (e.g. NaN weights) is recorded as failed, and the
     run goes on.
     """
-    validate_backends(config.backends, registry)
+    validate_backends(config.backends, registry, config.prefer)
     model_id, layer_ids = store.add_model(model)
     run_id, done = _start_or_resume(model_id, {"model": model.name, **config.to_json()}, config,
                                     store)
@@ -198,7 +225,7 @@ def _profile_layer(layer: Layer, layer_id: int, name: str, request: Request,
                                                  reused=True)
             return LayerOutcome(layer, label, "reused", stored, "already stored")
     try:
-        spectrum = _compute(backend, layer, request)
+        spectrum = compute_spectrum(backend, layer, request)
     except (SpecprofError, ArithmeticError, ValueError, MemoryError) as error:
         message = error.one_line() if isinstance(error, SpecprofError) else f"{type(error).__name__}: {error}"
         store.add_layer_result(run_id, layer_id, label, backend.kind, "failed", message)

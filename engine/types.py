@@ -11,14 +11,18 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+
+from specprof.engine.errors import SpecprofError
 
 OpType = Literal["Conv", "ConvTranspose", "Gemm", "MatMul"]
 Boundary = Literal["zeros", "circular"]
 SpectrumKind = Literal["operator", "filter"]
 CONV_OPS = ("Conv", "ConvTranspose")
+TARGET_OPSET = 18
+"""The ONNX opset every model is converted to before extraction (importers export to it)."""
 MATRIX_OPS = ("Gemm", "MatMul")
 
 
@@ -180,10 +184,35 @@ class Request:
     precision: Literal["float64", "float32"] = "float64"
     max_dense: int = 4096
     keep_vectors: bool = True
+    prefer: tuple[str, ...] = ()
+    """Backend names ``auto`` tries first, in this order, where they support the layer."""
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("boundary", "top_k", "precision")
+    """The fields that change a result: a stored spectrum is found again by these."""
 
     def params(self) -> dict[str, Any]:
         """The parameters that change a result (used in the spectrum's identity)."""
-        return {"boundary": self.boundary, "top_k": self.top_k, "precision": self.precision}
+        return {name: getattr(self, name) for name in self.IDENTITY}
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` as given; ``auto`` -> ``cuda`` where torch sees a GPU,
+    else ``cpu``. Called once per request, so every backend sees the same device."""
+    name = device.strip().lower()
+    if name == "auto":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise SpecprofError(f"unknown device '{device}'", "use --device cpu, cuda, cuda:N or auto")
 
 
 @dataclass(frozen=True)
@@ -227,6 +256,10 @@ class Spectrum:
     device: str = "cpu"
     params: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    complete: bool = True
+    """False when ``values`` are only the largest singular values (a top-k or norm-only
+    answer): then ``sigma_min`` and ``stable_rank`` are unknown (NaN, stored as null) rather
+    than wrong."""
 
     def __post_init__(self) -> None:
         values = np.asarray(self.values, dtype=np.float64).ravel()
@@ -251,17 +284,20 @@ class Spectrum:
 
     @property
     def sigma_min(self) -> float:
-        return float(self.values[-1]) if self.values.size else math.nan
+        """The smallest singular value; NaN when unknown (no values, or a partial spectrum)."""
+        return float(self.values[-1]) if self.values.size and self.complete else math.nan
 
     @property
     def frobenius(self) -> float:
+        """sqrt(sum of sigma^2) over the values held (a lower bound when not complete)."""
         weights = 1 if self.multiplicities is None else self.multiplicities
         return float(np.sqrt(np.sum(weights * self.values**2)))
 
     @property
     def stable_rank(self) -> float:
+        """||A||_F^2 / ||A||_2^2; NaN when unknown (a partial spectrum lacks the Frobenius norm)."""
         top = self.sigma_max
-        return float(self.frobenius**2 / top**2) if top > 0 else math.nan
+        return float(self.frobenius**2 / top**2) if top > 0 and self.complete else math.nan
 
     def expanded(self) -> np.ndarray:
         """All singular values, descending, each repeated by its multiplicity."""

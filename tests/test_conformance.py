@@ -1,18 +1,30 @@
-"""Every built-in backend passes the conformance suite it ships for third parties, here with
-the torch oracle (identity basis pushed through torch's convolutions) instead of specprof's
-own dense operator."""
+"""Every built-in plugin passes the conformance suites specprof ships for third parties
+(``specprof.testing``); the backends here with the torch oracle (identity basis pushed through
+torch's convolutions) instead of specprof's own dense operator."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 from oracle import conv_matrix, conv_transpose_matrix
 
-from specprof.engine.conformance import BackendConformance
+from specprof.engine.base import ImportOptions
 from specprof.engine.types import Boundary, Layer
+from specprof.plugins.analyzers.spectral import SpectralAnalyzer
 from specprof.plugins.backends.exact import ExactBackend
 from specprof.plugins.backends.fft_circulant import FftCirculantBackend
 from specprof.plugins.backends.filter import FilterBackend
 from specprof.plugins.backends.toeplitz import ToeplitzBackend
+from specprof.plugins.importers.onnx_importer import OnnxImporter
+from specprof.plugins.importers.torch_importer import TorchImporter
+from specprof.testing import (
+    AnalyzerConformance,
+    BackendConformance,
+    ImporterConformance,
+    small_onnx_model,
+)
 
 
 def torch_oracle(layer: Layer, boundary: Boundary) -> np.ndarray:
@@ -59,3 +71,29 @@ class TestToeplitzConformance(TorchOracle, BackendConformance):
     backend_class = ToeplitzBackend
     boundaries = ("zeros",)
     min_supported = 13
+
+
+class TestOnnxImporterConformance(ImporterConformance):
+    importer_class = OnnxImporter
+    min_layers = 2
+
+    def sample(self, tmp_path: Path) -> Path:
+        path = tmp_path / "small.onnx"
+        onnx.save(small_onnx_model(), path)
+        return path
+
+
+class TestTorchImporterConformance(ImporterConformance):
+    importer_class = TorchImporter
+    options = ImportOptions(input_shape=(3, 8, 8))
+    min_layers = 2
+
+    def sample(self, tmp_path: Path) -> object:
+        import torch
+
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(256, 10))
+
+
+class TestSpectralAnalyzerConformance(AnalyzerConformance):
+    analyzer_class = SpectralAnalyzer

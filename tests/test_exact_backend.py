@@ -312,7 +312,7 @@ def test_default_selection_picks_exact_or_none():
     _, small, _, _ = BY_ID["conv2d-same"]
     name, reason = pm.hook.specprof_select_backend(layer=small, request=Request(),
                                                    backends=backends)
-    assert name == "exact" and "dense" in reason
+    assert name == "exact" and "cheapest exact" in reason
     fc = Layer(name="fc", op_type="Gemm", weight=_weight(3, 4), input_shape=(4,))
     assert pm.hook.specprof_select_backend(layer=fc, request=Request(),
                                            backends=backends)[0] == "exact"

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from specprof.engine.base import AnalysisContext
 from specprof.engine.errors import InputShapeError, SpecprofError
 from specprof.engine.plugins import DEFAULT_PLUGINS, Registry, get_plugin_manager
 from specprof.engine.store import Store
@@ -269,14 +270,15 @@ def test_cli_json_and_export(registry: Registry, tmp_path: Path,
     import click
     import jsonschema
 
-    from specprof.engine.cli import SpecprofGroup
+    from specprof.engine import plugins as plugins_module
+    from specprof.engine.cli_common import SpecprofGroup
 
     @click.group(cls=SpecprofGroup)
     def cli() -> None:
         """Test CLI."""
 
     registry.pm.hook.specprof_register_commands(cli=cli)
-    monkeypatch.setattr(Registry, "from_manager", classmethod(lambda cls, pm=None: registry))
+    monkeypatch.setattr(plugins_module, "get_registry", lambda: registry)
     export = tmp_path / "hg.json"
     result = CliRunner().invoke(cli, ["hypergraph", str(DIGITS_MODEL), "--data", str(DIGITS_DATA),
                                       "--db", str(tmp_path / "cli.db"), "--format", "json",
@@ -390,11 +392,12 @@ def test_analyzer_plugin_on_a_stored_run(registry: Registry, tmp_path: Path) -> 
     loaded = load_model(str(DIGITS_MODEL), registry=registry)
     with Store.open(str(tmp_path / "a.db")) as store:
         run_id = hg.ensure_filter_run(store, loaded, loaded.layers, registry, lambda _t: None)
-        frame = hg.HypergraphAnalyzer().analyze(
-            store, run_id, {"model": str(DIGITS_MODEL), "data": str(DIGITS_DATA),
-                            "layers": "*Gemm", "threshold": 0.3})
+        options = {"model": str(DIGITS_MODEL), "data": str(DIGITS_DATA), "layers": "*Gemm",
+                   "threshold": 0.3}
+        frame = hg.HypergraphAnalyzer().analyze(AnalysisContext(store, options), run_id)
         assert list(frame["depth"]) == [4, 5]
         stored = store.analyses(run=run_id, analyzer="hypergraph")
         assert stored["params"].iloc[0]["threshold"] == 0.3
         with pytest.raises(SpecprofError, match="needs the model"):
-            hg.HypergraphAnalyzer().analyze(store, run_id, {"data": str(DIGITS_DATA)})
+            hg.HypergraphAnalyzer().analyze(
+                AnalysisContext(store, {"data": str(DIGITS_DATA)}), run_id)

@@ -442,8 +442,9 @@ def test_custom_op_no_layer_depends_on_is_only_a_warning():
 
 
 def test_cli_layers_skip_unsupported(tmp_path, monkeypatch):
-    from specprof.engine.cli import cli
+    from specprof.engine.cli import build_cli
 
+    cli = build_cli()
     monkeypatch.setenv("SPECPROF_DISABLED_PLUGINS", "")
     path = tmp_path / "custom.onnx"
     onnx.save(_custom_op_model(), path)

@@ -16,7 +16,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from specprof.engine.cli import SpecprofGroup
+from specprof.engine.base import AnalysisContext
+from specprof.engine.cli_common import SpecprofGroup
 from specprof.engine.loading import load_model
 from specprof.engine.plugins import Registry, get_plugin_manager
 from specprof.engine.profile import ProfileConfig, profile_model
@@ -87,7 +88,7 @@ def stored(tmp_path: Path, db_url: str) -> Stored:
                                registry).run_id
         second = profile_model(model, ProfileConfig(backends=("exact",), boundary="circular"),
                                store, registry).run_id
-        SpectralAnalyzer().analyze(store, run_id, {"model": model, "registry": registry})
+        SpectralAnalyzer().analyze(AnalysisContext(store=store, options={"model": model}), run_id)
         _, layer_ids = store.add_model(model)
         store.add_analysis(run_id, "hypergraph", {"threshold": 0.1}, [
             {"layer_id": layer_ids[0], "spectrum_id": None,

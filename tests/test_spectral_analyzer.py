@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import onnx
 import pytest
@@ -16,7 +17,9 @@ from click.testing import CliRunner
 from oracle import conv_matrix
 
 from specprof.engine import hookimpl
-from specprof.engine.cli import SpecprofGroup
+from specprof.engine import plugins as plugins_module
+from specprof.engine.base import AnalysisContext
+from specprof.engine.cli import build_cli
 from specprof.engine.errors import SpecprofError
 from specprof.engine.loading import load_model
 from specprof.engine.plugins import Registry, get_plugin_manager
@@ -39,6 +42,11 @@ class Profiled:
     run_id: int
     model: LoadedModel
     path: Path
+
+
+def analyze(store: Store, run_id: int, options: dict[str, Any]) -> Any:
+    """The spectral analyzer on one stored run, as a plugin's caller runs it."""
+    return SpectralAnalyzer().analyze(AnalysisContext(store=store, options=options), run_id)
 
 
 @pytest.fixture
@@ -70,7 +78,7 @@ def oracle_norms(model: LoadedModel) -> list[float]:
 def test_rows_norms_and_lipschitz_bound_against_the_oracle(profiled: Profiled,
                                                            registry: Registry) -> None:
     with Store.open(profiled.db) as store:
-        frame = SpectralAnalyzer().analyze(store, profiled.run_id, {"registry": registry})
+        frame = analyze(store, profiled.run_id, {})
     assert list(frame["layer"]) == ["conv1", "conv2", "fc"]
     assert set(frame["kind"]) == {"operator"}
     norms = oracle_norms(profiled.model)
@@ -94,8 +102,8 @@ def test_rows_norms_and_lipschitz_bound_against_the_oracle(profiled: Profiled,
 def test_results_are_stored_and_rerun_replaces_them(profiled: Profiled,
                                                     registry: Registry) -> None:
     with Store.open(profiled.db) as store:
-        first = SpectralAnalyzer().analyze(store, profiled.run_id, {"registry": registry})
-        SpectralAnalyzer().analyze(store, profiled.run_id, {"registry": registry})
+        first = analyze(store, profiled.run_id, {})
+        analyze(store, profiled.run_id, {})
         stored = store.analyses(run=profiled.run_id, analyzer="spectral")
     assert len(stored) == 3
     assert list(stored["layer"]) == list(first["layer"])
@@ -105,9 +113,7 @@ def test_results_are_stored_and_rerun_replaces_them(profiled: Profiled,
 
 def test_shuffled_baseline_with_the_model(profiled: Profiled, registry: Registry) -> None:
     with Store.open(profiled.db) as store:
-        frame = SpectralAnalyzer().analyze(store, profiled.run_id,
-                                           {"model": profiled.model, "registry": registry,
-                                            "seed": 3})
+        frame = analyze(store, profiled.run_id, {"model": profiled.model, "seed": 3})
     assert frame.attrs["baseline"] == "shuffled weights, seed 3"
     # Independent check of conv1's shuffled spectrum: the oracle matrix of the same permutation.
     from specprof.plugins.analyzers.rmt import shuffled
@@ -135,9 +141,8 @@ def test_filter_kind_is_chosen_and_its_bound_is_certified(profiled: Profiled,
                                                           registry: Registry) -> None:
     with Store.open(profiled.db) as store:
         _add_filter_spectra(store, profiled.run_id, profiled.model)
-        frame = SpectralAnalyzer().analyze(store, profiled.run_id,
-                                           {"kind": "filter", "registry": registry})
-        default = SpectralAnalyzer().analyze(store, profiled.run_id, {"registry": registry})
+        frame = analyze(store, profiled.run_id, {"kind": "filter"})
+        default = analyze(store, profiled.run_id, {})
     assert set(frame["kind"]) == {"filter"} and set(default["kind"]) == {"operator"}
     conv1 = profiled.model.layers[0]
     unfolded = scipy.linalg.svdvals(conv1.weight.reshape(4, -1).astype(np.float64))
@@ -158,7 +163,7 @@ def test_approximate_operator_spectra_use_the_certified_upper_bound(
         run_id = profile_model(profiled.model, ProfileConfig(backends=("toeplitz",)), store,
                                registry).run_id
         pairs = store.spectra_for_run(run_id)
-        frame = SpectralAnalyzer().analyze(store, run_id, {"registry": registry})
+        frame = analyze(store, run_id, {})
     expected = {row["name"]: s.sigma_max if s.exact else s.upper_bound for row, s in pairs}
     assert list(frame["layer"]) == ["conv1", "conv2", "fc"]  # every layer, spectrum or not
     for layer, value in zip(frame["layer"], frame["layer_bound"], strict=True):
@@ -176,7 +181,7 @@ def test_approximate_operator_spectra_use_the_certified_upper_bound(
 
 def test_missing_kind_is_a_clear_error(profiled: Profiled, registry: Registry) -> None:
     with Store.open(profiled.db) as store, pytest.raises(SpecprofError) as caught:
-        SpectralAnalyzer().analyze(store, profiled.run_id, {"kind": "filter"})
+        analyze(store, profiled.run_id, {"kind": "filter"})
     assert "has no filter spectra" in caught.value.message and "--spectrum" in caught.value.hint
 
 
@@ -188,13 +193,11 @@ class _ExactSelection:
         return ("exact", "test selection") if "exact" in backends else None
 
 
-def _cli(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> SpecprofGroup:
+def _cli(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> click.Group:
     if registry.pm.get_plugin("test-selection") is None:
         registry.pm.register(_ExactSelection(), name="test-selection")
-    group = SpecprofGroup("specprof")
-    registry.pm.hook.specprof_register_commands(cli=group)
-    monkeypatch.setattr(Registry, "from_manager", classmethod(lambda cls, pm=None: registry))
-    return group
+    monkeypatch.setattr(plugins_module, "get_registry", lambda: registry)
+    return build_cli()
 
 
 def test_cli_analyze_run_json(profiled: Profiled, registry: Registry,

@@ -12,19 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy
-from alembic import command
 from click.testing import CliRunner, Result
 
 from specprof.engine import cli_store
-from specprof.engine.cli import SpecprofGroup
+from specprof.engine.cli_common import SpecprofGroup
 from specprof.engine.errors import StoreError
-from specprof.engine.store import Store, alembic_config, parse_where
-from tests.test_store import make_model, make_spectrum
+from specprof.engine.store import Store, head_revision, parse_where
+from tests.test_store import fill_old_database, make_model, make_spectrum
 
 
 def invoke(*args: str, input: str | None = None) -> Result:
     group = SpecprofGroup("specprof")
-    cli_store.register(group)
+    for store_command in cli_store.COMMANDS:
+        group.add_command(store_command)
     return CliRunner().invoke(group, list(args), input=input, catch_exceptions=False)
 
 
@@ -197,30 +197,10 @@ def test_invalid_export_is_refused_whole(db_url: str, tmp_path: Path) -> None:
 
 
 def test_upgrade_from_0001_keeps_the_data(db_url: str) -> None:
-    engine = sqlalchemy.create_engine(db_url)
-    with engine.begin() as connection:
-        command.upgrade(alembic_config(connection), "0001")
-        connection.execute(sqlalchemy.text(
-            "INSERT INTO models (id, sha256, name, format, framework, opset, n_params, created_at) "
-            "VALUES (1, :sha, 'old', 'onnx', 'torch', 17, 10, '2024-01-01 00:00:00')"),
-            {"sha": "a" * 64})
-        connection.execute(sqlalchemy.text(
-            "INSERT INTO layers (id, model_id, \"index\", name, op_type, weight_shape, strides, "
-            "pads, dilations, output_padding, groups, weight_hash, layer_hash, description) "
-            "VALUES (1, 1, 0, 'fc', 'Gemm', '[2, 2]', '[]', '[]', '[]', '[]', 1, :h, :h, 'fc')"),
-            {"h": "b" * 64})
-        connection.execute(sqlalchemy.text(
-            "INSERT INTO runs (id, model_id, status, config, versions, host, started_at) "
-            "VALUES (1, 1, 'complete', '{}', '{}', 'h', '2024-01-01 00:00:00')"))
-        connection.execute(sqlalchemy.text(
-            "INSERT INTO spectra (id, run_id, layer_id, layer_hash, backend, kind, params, "
-            "params_hash, status, \"values\", n_values, sigma_max, created_at) VALUES "
-            "(1, 1, 1, :h, 'exact', 'operator', '{}', :h, 'ok', :v, 2, 3.0, '2024-01-01')"),
-            {"h": "b" * 64, "v": np.array([3.0, 1.0], "<f8").tobytes()})
-    engine.dispose()
+    fill_old_database(db_url, "0001", 1)
     with pytest.raises(StoreError, match="older"):
         Store.open(db_url)
-    assert Store.upgrade_url(db_url) == ("0001", "0002")
+    assert Store.upgrade_url(db_url) == ("0001", head_revision())
     with Store.open(db_url) as store:
         assert store.load_spectrum(1).values.tolist() == [3.0, 1.0]
         assert store.run_info(1)["pid"] is None

@@ -36,8 +36,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from specprof.engine import hookimpl
-from specprof.engine.base import Analyzer
+from specprof.engine.base import AnalysisContext, Analyzer
 from specprof.engine.errors import SpecprofError
+from specprof.engine.jsonable import jsonable
 from specprof.engine.types import Layer, LoadedModel, Spectrum
 
 Aggregate = Literal["max", "mean", "l2", "signed-mean"]
@@ -358,20 +359,18 @@ def _filter_spectra(store: Any, run_id: int) -> dict[str, tuple[dict[str, Any], 
     return found
 
 
-def find_filter_run(store: Any, model: LoadedModel, layers: Sequence[Layer],
-                    max_runs: int = 50) -> int | None:
-    """The newest complete run of this model (same content) whose filter spectra, with left
-    singular vectors, cover ``layers``; None if there is none."""
+def find_filter_run(store: Any, model: LoadedModel, layers: Sequence[Layer]) -> int | None:
+    """The newest complete run of this model (same content) with filter spectra, if its
+    spectra, with left singular vectors, cover ``layers``; None otherwise."""
+    from specprof.engine.errors import StoreError
+
     model_id, _ = store.add_model(model)
-    runs = store.runs()
+    try:
+        run_id = int(store.find_run(model_id=model_id, backend=FILTER_BACKEND, kind="filter"))
+    except StoreError:  # none stored: the caller computes them
+        return None
     wanted = {layer.name for layer in layers}
-    candidates = runs[(runs["model"] == model.name) & (runs["status"] == "complete")]["id"]
-    for run_id in list(candidates)[:max_runs]:
-        if store.run_info(int(run_id))["model_id"] != model_id:
-            continue
-        if wanted <= set(_filter_spectra(store, int(run_id))):
-            return int(run_id)
-    return None
+    return run_id if wanted <= set(_filter_spectra(store, run_id)) else None
 
 
 def ensure_filter_run(store: Any, model: LoadedModel, layers: Sequence[Layer], registry: Any,
@@ -476,16 +475,19 @@ def run_hypergraph(model: Any, data: Any, *, db: str | None = None,
                    registry: Any = None, on_batch: Callable[[int], None] | None = None
                    ) -> HypergraphResult:
     """``hypergraph`` with everything it produced (run id, incidences for export)."""
-    from specprof.engine import api
-    from specprof.engine.plugins import Registry
+    from specprof.engine.loading import load_model, parse_input_shape
+    from specprof.engine.plugins import get_registry
     from specprof.engine.store import Store
 
     options = HypergraphOptions(threshold=threshold, aggregate=aggregate,
                                 class_fraction=class_fraction, weight=weight,
                                 input_edges=input_edges)
     options.check()
-    registry = registry or Registry.from_manager()
-    loaded = api.load_model(model, input_shape=input_shape, registry=registry)
+    registry = registry or get_registry()
+    if isinstance(input_shape, str):
+        input_shape = parse_input_shape(input_shape)
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, input_shape=None if input_shape is None else tuple(input_shape), registry=registry)
     chosen = select_layers(loaded.layers, layers)
     if isinstance(data, str | os.PathLike):
         # Check a data file before anything is computed or stored for it.
@@ -529,18 +531,6 @@ def hypergraph(model: Any, data: Any, *, db: str | None = None,
 # --- export -------------------------------------------------------------------------------------
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def export_document(result: HypergraphResult) -> dict[str, Any]:
     """The JSON incidence-list document (schemas/hypergraph-export.schema.json)."""
     metrics = {row["layer"]: row for row in result.metrics.to_dict("records")}
@@ -554,7 +544,7 @@ def export_document(result: HypergraphResult) -> dict[str, Any]:
             "edges": [{"id": edge, **edge_props[edge], "nodes": nodes}
                       for edge, nodes in edges.items()],
         })
-    return _clean({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": result.model,
+    return jsonable({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": result.model,
                    "run": result.run_id, "params": result.params, "layers": layers})
 
 
@@ -567,6 +557,10 @@ def write_export(result: HypergraphResult, path: str | Path) -> Path:
 # --- plugin -------------------------------------------------------------------------------------
 
 
+TABLE_COLUMNS = ["layer", "depth", "op_type", "separation", "mean_jaccard", "n_components",
+                 "modularity"]
+
+
 class HypergraphAnalyzer(Analyzer):
     """Reads a run's filter spectra and stores per-layer class-separation metrics."""
 
@@ -576,20 +570,32 @@ class HypergraphAnalyzer(Analyzer):
     requires: ClassVar[tuple[str, ...]] = ("hypernetx", "onnxruntime")
     extra: ClassVar[str | None] = "hypergraph"
 
-    def analyze(self, store: Any, run_id: int, options: dict[str, Any]) -> Any:
-        """``options``: ``model`` (path or object of the run's model), ``data``, and any of
-        layers, threshold, aggregate, class_fraction, weight, batch_size, input_edges."""
-        from specprof.engine import api
-
-        if "model" not in options or "data" not in options:
+    def analyze(self, context: AnalysisContext, run_id: int) -> Any:
+        """``context.options``: ``model`` (the run's model: a path, a model object or a
+        ``LoadedModel``), ``data``, and any of layers, threshold, aggregate, class_fraction,
+        weight, batch_size, input_edges, input_shape."""
+        options = context.options
+        if options.get("model") is None or options.get("data") is None:
             raise HypergraphError("the hypergraph analyzer needs the model and labelled data",
-                                  "pass options={'model': PATH, 'data': DATA}")
-        loaded = api.load_model(options["model"], input_shape=options.get("input_shape"))
+                                  "give MODEL as a file and -O data=PATH")
+        loaded = options["model"]
+        if not isinstance(loaded, LoadedModel):
+            shape = options.get("input_shape")
+            if isinstance(shape, str):
+                from specprof.engine.loading import parse_input_shape
+
+                shape = parse_input_shape(shape)
+            loaded = context.load(loaded, input_shape=shape)
         fields = {k: options[k] for k in ("threshold", "aggregate", "class_fraction", "weight",
                                           "input_edges") if k in options}
-        result = analyze_run(store, run_id, loaded, options["data"], layers=options.get("layers"),
-                             options=HypergraphOptions(**fields),
-                             batch_size=int(options.get("batch_size", 64)))
+        with context.track(None, f"running {loaded.name}") as tick:
+            result = analyze_run(context.store, run_id, loaded, options["data"],
+                                 layers=options.get("layers"),
+                                 options=HypergraphOptions(**fields),
+                                 batch_size=int(options.get("batch_size", 64)), on_batch=tick)
+        result.metrics.attrs.update(
+            title=f"run {run_id}: class separation of {loaded.name}",
+            table_columns=TABLE_COLUMNS)
         return result.metrics
 
 
@@ -598,15 +604,11 @@ def specprof_register_analyzers() -> list[type]:
     return [HypergraphAnalyzer]
 
 
-TABLE_COLUMNS = ["layer", "depth", "op_type", "separation", "mean_jaccard", "n_components",
-                 "modularity"]
-
-
 @hookimpl
 def specprof_register_commands(cli: Any) -> None:
     import click
 
-    from specprof.engine.cli import DB_OPTION, OUTPUT_FORMATS, emit
+    from specprof.engine.cli_common import DB_OPTION, OUTPUT_FORMATS, emit
 
     @cli.command(name="hypergraph")
     @click.argument("model", type=click.Path(dir_okay=True))

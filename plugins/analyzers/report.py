@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from specprof.engine.store import Store
 
+SPECTRAL = "spectral"
+"""The analyzer whose stored results the report shows (and runs when there are none)."""
 MAX_ESD_PLOTS = 24
 """ESD histograms drawn at most (the first layers by position), to keep the file small."""
 
@@ -115,10 +117,8 @@ def _definitions(items: dict[str, Any]) -> str:
 def spectral_rows(store: Store, run_id: int, kind: str | None) -> pd.DataFrame:
     """The run's stored spectral analysis (of ``kind``, else the newest one); computed and
     stored now when there is none."""
-    from specprof.plugins.analyzers.spectral import ANALYZER, SpectralAnalyzer
-
     def stored() -> pd.DataFrame:
-        frame = store.analyses(run=run_id, analyzer=ANALYZER)
+        frame = store.analyses(run=run_id, analyzer=SPECTRAL)
         if frame.empty:
             return frame
         keys = frame["params"].map(lambda p: json.dumps(p, sort_keys=True))
@@ -129,14 +129,18 @@ def spectral_rows(store: Store, run_id: int, kind: str | None) -> pd.DataFrame:
 
     frame = stored()
     if frame.empty:
-        SpectralAnalyzer().analyze(store, run_id, {"kind": kind})
+        from specprof.engine.base import AnalysisContext
+        from specprof.engine.plugins import get_registry
+
+        analyzer = get_registry().analyzer(SPECTRAL)
+        analyzer.analyze(AnalysisContext(store=store, options={"kind": kind}), run_id)
         frame = stored()
     return frame.sort_values("layer_index").reset_index(drop=True)
 
 
 def _esd_section(store: Store, run_id: int, rows: pd.DataFrame) -> str:
     from specprof.plugins.analyzers import plots
-    from specprof.plugins.analyzers.spectral import matrix_shape
+    from specprof.plugins.analyzers.shapes import matrix_shape
 
     wanted = {int(s): record for s, record in zip(rows["spectrum_id"], rows.to_dict("records"),
                                                   strict=True) if s == s and s is not None}

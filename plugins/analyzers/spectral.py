@@ -9,21 +9,18 @@ and writes the metrics back (``analyses`` table). It also adds the ``specprof an
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
-import numpy as np
 
 from specprof.engine import hookimpl
-from specprof.engine.base import Analyzer
-from specprof.engine.cli import DB_OPTION, OUTPUT_FORMATS, emit
+from specprof.engine.base import AnalysisContext, Analyzer
+from specprof.engine.cli_common import DB_OPTION, console
 from specprof.engine.errors import SpecprofError, StoreError
 from specprof.engine.types import Layer, LoadedModel, Request, Spectrum
 from specprof.plugins.analyzers import rmt
+from specprof.plugins.analyzers.shapes import layer_norm_bound, matrix_shape
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,69 +48,6 @@ TABLE_COLUMNS = ["layer", "backend", "n_values", "alpha", "alpha_hat", "n_spikes
 # --- what a layer's matrix is --------------------------------------------------------------------
 
 
-def _prod(values: Any) -> int:
-    return int(math.prod(int(v) for v in values))
-
-
-def layer_from_row(row: dict[str, Any]) -> Layer:
-    """A weightless ``Layer`` (zeros of the stored shape) rebuilt from a stored layer row, so
-    the engine's own shape logic (``operator_shape``) answers for it."""
-    return Layer(name=row["name"], op_type=row["op_type"],
-                 weight=np.zeros(row["weight_shape"], dtype=np.float32),
-                 strides=tuple(row.get("strides") or ()), pads=tuple(row.get("pads") or ()),
-                 dilations=tuple(row.get("dilations") or ()), groups=int(row.get("groups") or 1),
-                 output_padding=tuple(row.get("output_padding") or ()),
-                 input_shape=None if row.get("input_shape") is None else tuple(row["input_shape"]),
-                 output_shape=None if row.get("output_shape") is None else tuple(row["output_shape"]),
-                 index=int(row.get("index") or 0))
-
-
-def matrix_shape(row: dict[str, Any], spectrum: Spectrum) -> tuple[int, int] | None:
-    """(rows, cols) of the matrix whose singular values ``spectrum`` holds; None if unknown.
-
-    filter: the unfolded weight ``reshape(W, W.shape[0], -1)`` (DeepDataProfiler); operator:
-    the layer's map on one sample (output size x input size, for the spectrum's boundary).
-    """
-    weight_shape = list(row["weight_shape"])
-    if spectrum.kind == "filter" or row["op_type"] in ("Gemm", "MatMul"):
-        return int(weight_shape[0]), _prod(weight_shape[1:])
-    if row.get("input_shape") is None:
-        return None
-    from specprof.engine.operator import operator_shape
-
-    try:
-        rows, cols = operator_shape(layer_from_row(row), spectrum.boundary or "zeros")
-    except SpecprofError:
-        return None
-    return (rows, cols) if rows > 0 and cols > 0 else None
-
-
-def layer_norm_bound(row: dict[str, Any], spectrum: Spectrum) -> tuple[float | None, str]:
-    """A certified upper bound of the layer's operator norm from this spectrum, and how.
-
-    - operator, exact: its sigma_max; operator, approximate: the stored certified
-      ``upper_bound`` (toeplitz), never the approximate sigma_max, which may be below the norm.
-    - filter of a matrix layer: the filter SVD is the matrix's SVD, so sigma_max (if exact).
-    - filter of a convolution: sqrt(prod(kernel)) x sigma_max of the unfolded weight R. The
-      operator is A = (R (x) I) S with S the stacked tap shifts (zero or circular padding,
-      stride, dilation, groups all only drop or zero rows of S), and ||S||^2 <= number of taps.
-    """
-    if spectrum.values.size == 0:
-        return None, "no values"
-    if spectrum.kind == "operator":
-        if spectrum.exact:
-            return spectrum.sigma_max, "exact sigma_max"
-        if spectrum.upper_bound is not None and math.isfinite(spectrum.upper_bound):
-            return float(spectrum.upper_bound), "certified upper bound"
-        return None, "approximate spectrum without a certified upper bound"
-    if not spectrum.exact:
-        return None, "approximate filter spectrum"
-    if row["op_type"] in ("Gemm", "MatMul"):
-        return spectrum.sigma_max, "exact sigma_max"
-    taps = _prod(list(row["weight_shape"])[2:])
-    return math.sqrt(taps) * spectrum.sigma_max, f"sqrt({taps}) x filter sigma_max"
-
-
 # --- the analyzer ----------------------------------------------------------------------------------
 
 
@@ -127,10 +61,8 @@ class SpectralOptions:
     """Only spectra of this backend; None: per layer, an exact one if stored, else the first."""
     model: LoadedModel | None = None
     """The run's model with its weights: enables the shuffled-weights baseline."""
-    registry: Any = None
     seed: int = DEFAULT_SEED
     store_results: bool = True
-    on_layer: Callable[[Any], None] | None = None
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> SpectralOptions:
@@ -186,16 +118,19 @@ class SpectralAnalyzer(Analyzer):
     )
     requires: ClassVar[tuple[str, ...]] = ("pandas",)
 
-    def analyze(self, store: Any, run_id: int, options: dict[str, Any]) -> pd.DataFrame:
+    def analyze(self, context: AnalysisContext, run_id: int) -> pd.DataFrame:
         """Analyze run ``run_id``; returns one row per layer (columns ``COLUMNS``).
 
-        ``frame.attrs`` holds run, kind, model-wide ``lipschitz_bound`` and ``baseline`` (whether
-        the shuffled baseline was computed, or why not). With ``store_results`` the rows are
-        written to the ``analyses`` table (replacing an earlier analysis of the same kind).
+        ``context.options``: see ``SpectralOptions``. ``frame.attrs`` holds run, kind,
+        model-wide ``lipschitz_bound`` and ``baseline`` (whether the shuffled baseline was
+        computed, or why not), and the CLI's title, table columns and notes. With
+        ``store_results`` the rows are written to the ``analyses`` table (replacing an
+        earlier analysis of the same kind).
         """
         import pandas as pd
 
-        opts = SpectralOptions.from_dict(options)
+        store = context.store
+        opts = SpectralOptions.from_dict(context.options)
         kind = choose_kind(store, run_id, opts.kind)
         pairs = store.spectra_for_run(run_id, backend=opts.backend, kind=kind)
         if not pairs:
@@ -208,33 +143,26 @@ class SpectralAnalyzer(Analyzer):
         layer_rows = store.layers(store.run_info(run_id)["model_id"]).to_dict("records")
         records, stored_rows = [], []
         product: float | None = 1.0
-        for layer_row in layer_rows:
-            if layer_row["id"] not in by_layer:
-                record = _missing_record(layer_row, kind, run_id)
-                product = None
-                record["lipschitz_bound"] = None
+        with context.track(len(layer_rows), f"analyzing run {run_id}") as tick:
+            for layer_row in layer_rows:
+                record, ids = self._layer(layer_row, by_layer, kind, run_id, baseline)
+                if record.get("layer_bound") is None:
+                    product = None
+                elif product is not None:
+                    product *= record["layer_bound"]
+                record["lipschitz_bound"] = product
                 records.append(record)
-                stored_rows.append({"layer_id": layer_row["id"], "spectrum_id": None})
-                continue
-            row, spectrum = by_layer[layer_row["id"]]
-            record = _layer_record(row, spectrum)
-            product = None if product is None or record["layer_bound"] is None \
-                else product * record["layer_bound"]
-            record["lipschitz_bound"] = product
-            extra = baseline.metrics(row, spectrum)
-            note = extra.pop("baseline_note", None)
-            if note:
-                record["notes"] = "; ".join(filter(None, [record["notes"], note]))
-            record.update(extra)
-            records.append(record)
-            stored_rows.append({"layer_id": row["id"], "spectrum_id": row["spectrum_id"]})
-            if opts.on_layer is not None:
-                opts.on_layer(record)
+                stored_rows.append(ids)
+                tick(record)
         frame = pd.DataFrame(records, columns=COLUMNS)
         for column in INT_COLUMNS:  # counts stay integers (or None), not floats with NaN
             frame[column] = pd.Series([r.get(column) for r in records], dtype=object)
-        frame.attrs.update({"run": run_id, "kind": kind, "lipschitz_bound": product,
-                            "baseline": baseline.status})
+        bound = "n/a" if product is None else f"{product:.6g}"
+        frame.attrs.update({
+            "run": run_id, "kind": kind, "lipschitz_bound": product, "baseline": baseline.status,
+            "title": f"run {run_id}: {kind} spectra, {len(frame)} layers; Lipschitz upper "
+                     f"bound (product of layer norms) {bound}",
+            "table_columns": TABLE_COLUMNS, "notes": [f"baseline: {baseline.status}"]})
         if opts.store_results:
             params = {"kind": kind, "backend": opts.backend or "auto"}
             store.add_analysis(run_id, ANALYZER, params, [
@@ -242,6 +170,23 @@ class SpectralAnalyzer(Analyzer):
                                     if k not in ("layer", "layer_index")}}
                 for ids, record in zip(stored_rows, records, strict=True)])
         return frame
+
+    @staticmethod
+    def _layer(layer_row: dict[str, Any],
+               by_layer: dict[int, tuple[dict[str, Any], Spectrum]], kind: str, run_id: int,
+               baseline: _Baseline) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One layer's record and the ids its stored row refers to."""
+        if layer_row["id"] not in by_layer:  # shown, and it voids the model's bound
+            record = _missing_record(layer_row, kind, run_id)
+            return record, {"layer_id": layer_row["id"], "spectrum_id": None}
+        row, spectrum = by_layer[layer_row["id"]]
+        record = _layer_record(row, spectrum)
+        extra = baseline.metrics(row, spectrum)
+        note = extra.pop("baseline_note", None)
+        if note:
+            record["notes"] = "; ".join(filter(None, [record["notes"], note]))
+        record.update(extra)
+        return record, {"layer_id": row["id"], "spectrum_id": row["spectrum_id"]}
 
 
 def _missing_record(row: dict[str, Any], kind: str, run_id: int) -> dict[str, Any]:
@@ -288,10 +233,9 @@ class _Baseline:
         if not any(row["layer_hash"] in layers for row, _ in pairs):
             return cls({}, None, opts.seed,
                        f"model {opts.model.name} is not the run's model: no shuffled baseline")
-        from specprof.engine.plugins import Registry
+        from specprof.engine.plugins import get_registry
 
-        registry = opts.registry or Registry.from_manager()
-        return cls(layers, registry, opts.seed, f"shuffled weights, seed {opts.seed}")
+        return cls(layers, get_registry(), opts.seed, f"shuffled weights, seed {opts.seed}")
 
     def metrics(self, row: dict[str, Any], spectrum: Spectrum) -> dict[str, Any]:
         layer = self.layers.get(row["layer_hash"])
@@ -317,98 +261,9 @@ class _Baseline:
 # --- commands ------------------------------------------------------------------------------------
 
 
-def _latest_run_of_model(store: Store, model: LoadedModel, kind: str | None) -> int | None:
-    """The newest complete run of this model's content that has spectra of ``kind``."""
-    model_id, _ = store.add_model(model)
-    runs = store.runs()
-    for run_id in runs.loc[runs["status"] == "complete", "id"]:
-        if store.run_info(int(run_id))["model_id"] != model_id:
-            continue
-        if kind is None or kind in run_kinds(store, int(run_id)):
-            return int(run_id)
-    return None
-
-
-def resolve_run(store: Store, model: str | None, run: int | None, kind: str | None,
-                db: str | None, input_shape: str | None, quiet: bool,
-                say: Callable[[str], None]) -> tuple[int, LoadedModel | None]:
-    """The run to analyze (and the loaded model, when MODEL is a file).
-
-    A file is matched to stored runs by content; when none has the requested kind, the model
-    is profiled first (filter backend for filter spectra, ``auto`` otherwise).
-    """
-    if (model is None) == (run is None):
-        raise SpecprofError("give either MODEL or --run ID", "e.g. specprof analyze model.onnx")
-    if run is not None:
-        store.run_info(run)  # a clear error if there is no such run
-        return run, None
-    assert model is not None
-    if not os.path.exists(model):
-        found = store.latest_run(model=model)
-        if found is None:
-            raise StoreError(f"no complete run of a model named '{model}' and no such file",
-                             "profile it first: specprof profile MODEL_FILE, or see specprof runs")
-        return found, None
-    from specprof.engine import api
-    from specprof.engine.progress import layer_progress
-
-    loaded = api.load_model(model, input_shape=input_shape)
-    found = _latest_run_of_model(store, loaded, kind)
-    if found is not None:
-        return found, loaded
-    backend = "filter" if kind == "filter" else "auto"
-    say(f"no stored run of {loaded.name} has {kind or 'any'} spectra: profiling it now "
-        f"with backend {backend}")
-    with layer_progress(len(loaded.layers), f"profiling {loaded.name}", quiet) as tick:
-        frame = api.profile(loaded, backend=backend, db=db, on_layer=tick)
-    return int(frame.attrs["run_id"]), loaded
-
-
-@click.command()
-@click.argument("model", required=False)
-@click.option("--run", type=int, help="Analyze this stored run instead of MODEL's latest.")
-@DB_OPTION
-@click.option("--spectrum", "kind", type=click.Choice(list(KINDS)),
-              help="Spectrum kind to analyze (default: operator if stored, else filter).")
-@click.option("--backend", help="Only spectra from this backend (default: exact if stored).")
-@click.option("--input-shape", metavar="C,H,W", help="Input size, if MODEL needs profiling.")
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
-              help="Seed of the weight shuffling for the randomized baseline.")
-@click.option("--format", "fmt", type=OUTPUT_FORMATS, default="table", show_default=True)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes.")
-def analyze(model: str | None, run: int | None, db: str | None, kind: str | None,
-            backend: str | None, input_shape: str | None, seed: int, fmt: str,
-            quiet: bool) -> None:
-    """RMT diagnostics per layer of MODEL (a file or stored model name) or of --run ID.
-
-    With a MODEL file the layers are also compared with their weights shuffled (columns
-    rand_*); with --run or a model name those stay empty, as the store has no weights.
-    """
-    from specprof.engine.cli import _console
-    from specprof.engine.progress import layer_progress
-    from specprof.engine.store import Store
-
-    notes = _console(quiet)  # notes go to stderr, so JSON/CSV on stdout stay clean
-    with Store.open(db) as store:
-        run_id, loaded = resolve_run(store, model, run, kind, db, input_shape,
-                                     quiet or fmt != "table",
-                                     lambda text: notes.print(text, highlight=False))
-        chosen = choose_kind(store, run_id, kind)
-        n_layers = len({row["id"] for row, _ in store.spectra_for_run(run_id, kind=chosen)})
-        with layer_progress(n_layers, f"analyzing run {run_id}", quiet or fmt != "table") as tick:
-            frame = SpectralAnalyzer().analyze(store, run_id, {
-                "kind": chosen, "backend": backend, "model": loaded, "seed": seed,
-                "on_layer": tick})
-    bound = frame.attrs["lipschitz_bound"]
-    title = (f"run {run_id}: {chosen} spectra, {len(frame)} layers; Lipschitz upper bound "
-             f"(product of layer norms) {'n/a' if bound is None else f'{bound:.6g}'}")
-    emit(frame, fmt, title, columns=TABLE_COLUMNS if fmt == "table" else None)
-    notes.print(f"baseline: {frame.attrs['baseline']}", highlight=False)
-
-
 @click.command()
 @DB_OPTION
-@click.option("--run", type=int, help="Run to report (default: the latest complete run).")
+@click.option("--run", type=click.IntRange(min=1), help="Run to report (default: the latest complete run).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="report.html",
               show_default=True, help="HTML file to write.")
 @click.option("--spectrum", "kind", type=click.Choice(list(KINDS)),
@@ -416,7 +271,6 @@ def analyze(model: str | None, run: int | None, db: str | None, kind: str | None
 @click.option("-q", "--quiet", is_flag=True)
 def report(db: str | None, run: int | None, output: str, kind: str | None, quiet: bool) -> None:
     """Write a self-contained HTML report of one run: table, plots, parameters."""
-    from specprof.engine.cli import _console
     from specprof.engine.store import Store
     from specprof.plugins.analyzers.report import write_report
 
@@ -426,7 +280,7 @@ def report(db: str | None, run: int | None, output: str, kind: str | None, quiet
             if run is None:
                 raise StoreError(f"no runs in {store.display_url}", "run: specprof profile MODEL")
         path = write_report(store, run, output, kind=kind)
-    _console(quiet).print(f"report of run {run} written to {path}", highlight=False)
+    console(quiet).print(f"report of run {run} written to {path}", markup=False, highlight=False)
 
 
 @hookimpl
@@ -436,5 +290,4 @@ def specprof_register_analyzers() -> list[type]:
 
 @hookimpl
 def specprof_register_commands(cli: Any) -> None:
-    cli.add_command(analyze)
     cli.add_command(report)

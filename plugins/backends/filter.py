@@ -12,7 +12,6 @@ import time
 from typing import ClassVar
 
 import numpy as np
-import scipy.linalg
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Backend
@@ -58,6 +57,8 @@ class FilterBackend(Backend):
                 f"layer {layer.name} has non-finite weights (NaN or Inf)",
                 "check the model file or its training; the layer's SVD is undefined",
             )
+        import scipy.linalg
+
         if request.keep_vectors:
             u, values, _ = scipy.linalg.svd(matrix, full_matrices=False, check_finite=False)
         else:

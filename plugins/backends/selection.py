@@ -1,16 +1,23 @@
 """The default answer to "which backend for this layer?" when the user asks for ``auto``.
 
-The policy, in order (the first available backend that supports the layer wins):
-- Gemm/MatMul: ``exact`` (a plain SVD of the weight).
-- circular boundary: ``fft-circulant`` (exact, O(n log n) per channel pair), then ``exact``.
-- top-k asked: ``exact`` (matrix-free ARPACK; exact values at any size).
-- zero padding, full spectrum: ``fft-circulant`` where zero padding cannot matter (a 1x1
-  kernel with no padding: it is exact there), ``exact`` while the dense SVD is cheap, then
-  ``toeplitz`` (approximate spectrum with certified bounds on sigma_max), then ``exact`` up to
-  its size limit.
+Every installed backend of kind ``operator`` that supports the layer is a candidate,
+third-party ones included; each says what it costs (``Backend.cost``, seconds at a nominal
+rate) and whether its values are exact. The policy:
 
-Third-party plugins can answer ``specprof_select_backend`` before this one (pluggy calls later
-registered plugins first) to put their own backend ahead.
+1. The user's order first: the first backend of ``--prefer`` (``Request.prefer``) that
+   supports the layer.
+2. The cheapest exact backend, if its estimate is within ``EXACT_BUDGET_S`` (always, when
+   only the top values are asked for: those are never approximated).
+3. Else the cheapest approximate backend (``toeplitz``: an asymptotic spectrum with
+   certified bounds on sigma_max).
+4. Else the cheapest exact backend, however long it takes.
+
+Backends without an estimate (``cost`` returns None) are chosen only by name or through
+``--prefer``, or when no candidate has one. Ties go to the backend registered first (the
+built-ins). The reason returned says which rule decided, with the estimate.
+
+Third-party plugins can still answer ``specprof_select_backend`` before this one (pluggy
+calls later registered plugins first) to replace the policy altogether.
 """
 
 from __future__ import annotations
@@ -19,62 +26,58 @@ from typing import Any
 
 from specprof.engine import hookimpl
 from specprof.engine.errors import SpecprofError
-from specprof.engine.operator import group_blocks, operator_shape
 from specprof.engine.types import Layer, Request
 
-DENSE_FLOP_BUDGET = 2e10
-"""Largest dense SVD (in flops, ~4 m n^2 per m x n block) auto runs: about a second or two on
-one modern core. Above it, auto prefers an approximation with certified bounds."""
+EXACT_BUDGET_S = 2.0
+"""Longest estimated exact computation ``auto`` runs on one layer when all values are asked
+for (about a 2e10-flop dense SVD). Above it an approximation with certified bounds is
+preferred; ``--backend exact`` forces the exact one, ``--top-k K`` asks for exact top values."""
 
 
-def dense_svd_flops(layer: Layer, request: Request) -> float:
-    """Rough cost of the exact backend's dense SVD of ``layer`` (all its group blocks)."""
-    if not layer.is_conv:
-        rows, cols = layer.weight.shape
-        return 4.0 * max(rows, cols) * min(rows, cols) ** 2
-    blocks = group_blocks(layer)
-    rows, cols = operator_shape(blocks[0], request.boundary)
-    return len(blocks) * 4.0 * max(rows, cols) * min(rows, cols) ** 2
+def _seconds(estimate: float) -> str:
+    return f"~{estimate:.2g} s" if estimate >= 0.01 else "<0.01 s"
 
 
-def _padding_free_pointwise(layer: Layer) -> bool:
-    """1x1 kernel, stride 1, no padding: the zero-padded and circular operators coincide."""
-    return (all(k == 1 for k in layer.kernel_shape) and not any(layer.pads)
-            and all(s == 1 for s in layer.strides))
-
-
-def preference(layer: Layer, request: Request) -> tuple[list[str], str]:
-    """Backend names in order of preference for this layer, and why that order."""
-    if not layer.is_conv:
-        return ["exact"], "matrix: SVD of the weight"
-    if request.boundary == "circular":
-        return ["fft-circulant", "exact"], "circular: exact per frequency"
-    if request.top_k is not None:
-        return ["exact"], f"top-{request.top_k}: matrix-free, exact"
-    if _padding_free_pointwise(layer):
-        return ["fft-circulant", "exact"], "1x1, no padding: circular is exact"
+def _estimate(backend: Any, layer: Layer, request: Request) -> float | None:
+    """The backend's cost estimate; None where it gives none or cannot size the layer."""
     try:
-        flops = dense_svd_flops(layer, request)
+        estimate = backend.cost(layer, request)
     except SpecprofError:
-        return ["exact", "toeplitz"], ""
-    if flops <= DENSE_FLOP_BUDGET:
-        return ["exact", "toeplitz"], "small: dense SVD"
-    # Too slow for a default: --backend exact forces it, --top-k K gives exact top values.
-    return ["toeplitz", "exact"], "large: approximation, certified bounds"
+        return None
+    return None if estimate is None else float(estimate)
 
 
 def select_backend(layer: Layer, request: Request,
                    backends: dict[str, Any]) -> tuple[str, str] | None:
-    """(name, reason) of the first preferred backend that supports ``layer``, else None."""
-    order, why = preference(layer, request)
-    for name in order:
-        backend = backends.get(name)
-        if backend is None:
-            continue
-        support = backend.supports(layer, request)
-        if support:
-            return name, why or support.reason or f"{name} supports this layer"
-    return None
+    """(name, reason) of the backend ``auto`` runs on ``layer``; None if none supports it."""
+    supporting = {name: backend for name, backend in backends.items()
+                  if backend.kind == "operator" and backend.supports(layer, request)}
+    if not supporting:
+        return None
+    for name in request.prefer:
+        if name in supporting:
+            return name, f"preferred (--prefer {name})"
+    costs = {name: _estimate(backend, layer, request) for name, backend in supporting.items()}
+    order = list(supporting)
+    costed = sorted((name for name in order if costs[name] is not None),
+                    key=lambda name: (costs[name], order.index(name)))
+    exact = [name for name in costed if supporting[name].exact]
+    approximate = [name for name in costed if not supporting[name].exact]
+    if exact:
+        name = exact[0]
+        estimate = costs[name]
+        assert estimate is not None
+        if request.top_k is not None:
+            return name, f"top-{request.top_k}: cheapest exact ({_seconds(estimate)})"
+        if estimate <= EXACT_BUDGET_S or not approximate:
+            return name, f"cheapest exact ({_seconds(estimate)})"
+    if approximate:
+        name = approximate[0]
+        slowest = (f"exact {_seconds(costs[exact[0]] or 0.0)}" if exact
+                   else "no exact backend takes this layer")
+        return name, f"approximate, certified bounds ({slowest})"
+    first = order[0]
+    return first, supporting[first].supports(layer, request).reason or "no cost estimates"
 
 
 @hookimpl

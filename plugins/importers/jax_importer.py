@@ -18,14 +18,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Importer, ImportOptions
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
-from specprof.engine.normalize import TARGET_OPSET
+from specprof.engine.types import TARGET_OPSET
+
+if TYPE_CHECKING:  # onnx is imported when a model is converted, not when listed
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class JaxImporter(Importer):
             raise ModelLoadError(f"jax2onnx could not convert '{model.name}' ({reason})",
                                  "check that apply(params, x) runs under jax.jit on this input shape"
                                  ) from error
+        import onnx
+
         if not isinstance(proto, onnx.ModelProto):
             raise ModelLoadError("jax2onnx returned no ONNX model", "upgrade jax2onnx")
         return proto

@@ -12,12 +12,9 @@ from its path and extraction reads each weight from disk once, when a layer need
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any
-
-import onnx
-from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from typing import TYPE_CHECKING, Any
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Importer, ImportOptions
@@ -31,15 +28,22 @@ _NEXT_FIELD_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0x
 MAX_IN_MEMORY_BYTES = 2**31 - 2**26
 _HINT = "check that the file is a complete ONNX model (re-export or re-download it)"
 
+if TYPE_CHECKING:  # onnx is imported when a model is read, not when the plugin is listed
+    import onnx
+
 
 def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers and attribute tensors of the model and all its subgraphs."""
+    from onnx import external_data_helper
+
     # onnx has no public walker; this private helper is the one load_external_data uses.
     return list(external_data_helper._get_all_tensors(model))
 
 
 def external_data_bytes(model: onnx.ModelProto, folder: Path) -> int:
     """Size of the external data files ``model`` refers to (each file counted once)."""
+    from onnx import external_data_helper
+
     files = {external_data_helper.ExternalDataInfo(tensor).location
              for tensor in _all_tensors(model) if external_data_helper.uses_external_data(tensor)}
     return sum((folder / location).stat().st_size for location in files)
@@ -51,6 +55,8 @@ def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
     Symlinks and ``..`` are resolved before the comparison, so a link inside the folder that
     points outside is refused too.
     """
+    from onnx import external_data_helper
+
     root = folder.resolve()
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
@@ -91,9 +97,14 @@ class OnnxImporter(Importer):
         return head[2] in _NEXT_FIELD_TAGS
 
     def accepts(self, obj: Any) -> bool:
-        return isinstance(obj, onnx.ModelProto)
+        onnx = sys.modules.get("onnx")  # an onnx object exists only where onnx was imported
+        return onnx is not None and isinstance(obj, onnx.ModelProto)
 
     def load(self, source: Path | Any, options: ImportOptions) -> onnx.ModelProto:
+        import onnx
+        from google.protobuf.message import DecodeError
+        from onnx import external_data_helper
+
         if isinstance(source, onnx.ModelProto):
             model = onnx.ModelProto()
             model.CopyFrom(source)

@@ -15,14 +15,15 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Importer, ImportOptions
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
-from specprof.engine.normalize import TARGET_OPSET
+from specprof.engine.types import TARGET_OPSET
+
+if TYPE_CHECKING:  # onnx is imported when a model is converted, not when listed
+    import onnx
 
 # skl2onnx writes preprocessing steps (StandardScaler, ...) in the ai.onnx.ml domain; version 3
 # is the one onnx's checker and shape inference know for every opset specprof targets.

@@ -16,14 +16,15 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
-
-import onnx
+from typing import TYPE_CHECKING, Any, Literal
 
 from specprof.engine import hookimpl
 from specprof.engine.base import Importer, ImportOptions
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
-from specprof.engine.normalize import TARGET_OPSET
+from specprof.engine.types import TARGET_OPSET
+
+if TYPE_CHECKING:  # onnx is imported when a model is converted, not when listed
+    import onnx
 
 ArchiveKind = Literal["torchscript", "exported_program", "state_dict"]
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -94,6 +95,8 @@ def _export_eval_module(module: Any, input_shape: tuple[int, ...]) -> onnx.Model
     example = (torch.zeros(1, *input_shape),)
 
     def torchscript() -> onnx.ModelProto:
+        import onnx
+
         buffer = io.BytesIO()
         # The TorchScript exporter writes to any file object; its annotation names paths only.
         target: Any = buffer

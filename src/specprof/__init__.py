@@ -27,27 +27,55 @@ _API = {
     "Request": "specprof.engine.types",
     "Support": "specprof.engine.types",
     "LoadedModel": "specprof.engine.types",
+    "Boundary": "specprof.engine.types",
+    "SpectrumKind": "specprof.engine.types",
     "Importer": "specprof.engine.base",
+    "ImportOptions": "specprof.engine.base",
     "Backend": "specprof.engine.base",
     "Analyzer": "specprof.engine.base",
+    "AnalysisContext": "specprof.engine.base",
+    "NOMINAL_FLOPS": "specprof.engine.base",
+    "ConvApply": "specprof.engine.operator",
+    "operator_shape": "specprof.engine.operator",
+    "dense_operator": "specprof.engine.operator",
+    "group_blocks": "specprof.engine.operator",
+    "get_registry": "specprof.engine.plugins",
     "SpecprofError": "specprof.engine.errors",
+    "BackendError": "specprof.engine.errors",
+    "ModelLoadError": "specprof.engine.errors",
+    "MissingExtraError": "specprof.engine.errors",
+    "StoreError": "specprof.engine.errors",
     "hookimpl": "specprof.engine",
 }
 
 __all__ = [
+    "NOMINAL_FLOPS",
+    "AnalysisContext",
     "Analyzer",
     "Backend",
+    "BackendError",
+    "Boundary",
+    "ConvApply",
+    "ImportOptions",
     "Importer",
     "Layer",
     "LoadedModel",
+    "MissingExtraError",
+    "ModelLoadError",
     "Request",
     "SpecprofError",
     "Spectrum",
+    "SpectrumKind",
+    "StoreError",
     "Support",
+    "dense_operator",
+    "get_registry",
+    "group_blocks",
     "hookimpl",
     "hypergraph",
     "load_model",
     "load_spectrum",
+    "operator_shape",
     "profile",
     "query",
     "singular_values",
@@ -56,9 +84,32 @@ __all__ = [
 if TYPE_CHECKING:
     from specprof.engine import hookimpl
     from specprof.engine.api import load_model, load_spectrum, profile, query, singular_values
-    from specprof.engine.base import Analyzer, Backend, Importer
-    from specprof.engine.errors import SpecprofError
-    from specprof.engine.types import Layer, LoadedModel, Request, Spectrum, Support
+    from specprof.engine.base import (
+        NOMINAL_FLOPS,
+        AnalysisContext,
+        Analyzer,
+        Backend,
+        Importer,
+        ImportOptions,
+    )
+    from specprof.engine.errors import (
+        BackendError,
+        MissingExtraError,
+        ModelLoadError,
+        SpecprofError,
+        StoreError,
+    )
+    from specprof.engine.operator import ConvApply, dense_operator, group_blocks, operator_shape
+    from specprof.engine.plugins import get_registry
+    from specprof.engine.types import (
+        Boundary,
+        Layer,
+        LoadedModel,
+        Request,
+        Spectrum,
+        SpectrumKind,
+        Support,
+    )
     from specprof.plugins.analyzers.hypergraph import hypergraph
 
 
