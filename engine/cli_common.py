@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from specprof.engine.errors import SpecprofError
+from specprof.engine.errors import SpecprofError, printable
 from specprof.engine.jsonable import jsonable
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def warn(warnings: list[str] | tuple[str, ...], quiet: bool = False) -> None:
 
     out = console(quiet)
     for warning in warnings:
-        out.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        out.print(f"[yellow]warning:[/] {escape(printable(warning))}", highlight=False)
 
 
 def is_missing(value: Any) -> bool:
@@ -97,7 +97,7 @@ def _cell(value: Any) -> str:
         return number(value, ".4g")
     if isinstance(value, list):
         return f"[{len(value)} values]"
-    return "" if value is None else str(value)
+    return "" if value is None else printable(str(value))
 
 
 def print_table(frame: Any, title: str = "") -> None:
@@ -105,10 +105,10 @@ def print_table(frame: Any, title: str = "") -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(title) if title else None, title_justify="left")
+    table = Table(title=Text(printable(title)) if title else None, title_justify="left")
     for column in frame.columns:
         numeric = frame[column].dtype.kind in "fiu"
-        table.add_column(Text(str(column)), justify="right" if numeric else "left",
+        table.add_column(Text(printable(str(column))), justify="right" if numeric else "left",
                          overflow="fold")
     layer_column = list(frame.columns).index("layer") if "layer" in frame.columns else -1
     for row in frame.itertuples(index=False):

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write to a terminal: control characters (ESC of ANSI/OSC sequences,
+    BEL, backspace, C1 codes, ...) shown as ``\\xNN`` escapes instead of acted on. A layer
+    name or a path comes from a file someone else wrote."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
 
 class SpecprofError(Exception):
     """A problem the user can fix. ``hint`` says how; the CLI prints both on one line."""
@@ -13,7 +24,7 @@ class SpecprofError(Exception):
 
     def one_line(self) -> str:
         text = self.message if not self.hint else f"{self.message}; {self.hint}"
-        return " ".join(text.split())
+        return printable(" ".join(text.split()))
 
 
 class ModelLoadError(SpecprofError):

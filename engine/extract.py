@@ -34,14 +34,37 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _SKIP_HINT = "pass --skip-unsupported to profile the layers that can be extracted"
 
 
+def _check_conv_attributes(weight: np.ndarray, kernel: tuple[int, ...],
+                           strides: tuple[int, ...], dilations: tuple[int, ...], groups: int,
+                           kernel_shape: tuple[int, ...]) -> None:
+    """Refuse attributes no runtime accepts (a ``ValueError`` naming the attribute), before any
+    arithmetic divides by them: ONNX's checker does not look at attribute values."""
+    dims = len(kernel)
+    for name, values in (("strides", strides), ("dilations", dilations)):
+        if len(values) != dims or any(int(v) < 1 for v in values):
+            raise ValueError(f"{name} {list(values)} must be {dims} positive integers")
+    if kernel_shape and tuple(int(v) for v in kernel_shape) != kernel:
+        raise ValueError(f"kernel_shape {list(kernel_shape)} contradicts the weight's "
+                         f"{list(kernel)}")
+    channels = int(weight.shape[0])  # Conv: c_out; ConvTranspose: c_in; both split by group
+    if groups < 1 or channels % groups:
+        raise ValueError(f"group {groups} must be a positive divisor of the weight's first "
+                         f"dimension {channels}")
+
+
 class _Skip(Exception):
     """Raised inside a layer builder: the node is skipped with this reason."""
 
 
 def _as_float(array: np.ndarray) -> np.ndarray:
-    """Keep the stored dtype, but widen half precisions (numpy's linalg cannot use them)."""
+    """Keep the stored dtype, but widen half precisions (numpy's linalg cannot use them).
+
+    Complex, text and other non-real weights are refused (a ``ValueError``, which names the
+    node): dropping an imaginary part would profile another layer than the model's."""
     if array.dtype == np.float16 or array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         return array.astype(np.float32)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"its weight has dtype {array.dtype}: a linear layer needs real numbers")
     return array
 
 
@@ -313,6 +336,8 @@ def _conv_from_parts(node: onnx.NodeProto, ctx: _Context, op_type: str, weight: 
     strides = tuple(attrs.get("strides", ())) or (1,) * dims
     dilations = tuple(attrs.get("dilations", ())) or (1,) * dims
     groups = int(attrs.get("group", 1))
+    _check_conv_attributes(weight, kernel, strides, dilations, groups,
+                           tuple(attrs.get("kernel_shape", ())))
     input_shape = ctx.sample_shape(node.input[0])
     spatial = None if input_shape is None else input_shape[1:]
     padding_mode: str = "zeros"

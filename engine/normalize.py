@@ -35,6 +35,17 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def check_opset(model: onnx.ModelProto) -> None:
+    """Refuse a default-domain opset newer than the installed onnx knows (e.g. 99): no
+    converter or shape inference can read it, and guessing would extract the wrong thing."""
+    opset = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ModelLoadError(f"the model declares ONNX opset {opset}, newer than the newest "
+                             f"this onnx {onnx.__version__} knows ({newest})",
+                             "upgrade onnx (pip install -U onnx), or check the file")
+
+
 def has_external_data(model: onnx.ModelProto) -> bool:
     """True if some tensor of ``model`` still lives in an external file (not loaded)."""
     return any(external_data_helper.uses_external_data(tensor)
@@ -160,6 +171,7 @@ def normalize(
     ``path`` is the file ``model`` was read from; it is needed when the model's data was left
     in external files (over 2 GB): every step then works on the small proto without the data.
     """
+    check_opset(model)
     rejected = check_model(model, path=path, skip_unsupported=skip_unsupported)
     model, converted = convert_opset(model)
     warnings = rejected + converted

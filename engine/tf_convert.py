@@ -34,7 +34,8 @@ def quiet_tensorflow() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in ("tensorflow", "tf2onnx", "absl")]
     levels = [logger.level for logger in loggers]
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                native_stderr_silenced():
             warnings.simplefilter("ignore")
             for logger in loggers:
                 logger.setLevel(logging.ERROR)
@@ -44,6 +45,29 @@ def quiet_tensorflow() -> Iterator[None]:
             logger.setLevel(level)
         if previous is None:
             os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration: TensorFlow's C++ side (absl,
+    oneDNN) writes its log lines there directly, before any Python setting can stop them.
+    Python exceptions still propagate and are reported by the caller."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (e.g. captured by a test runner)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def first_line(error: BaseException) -> str:

@@ -115,6 +115,10 @@ class OnnxImporter(Importer):
                 )
             return model
         path = Path(source)
+        if not path.is_file():  # a directory, FIFO or socket: never open (a FIFO would block)
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise ModelLoadError(f"{path} is {kind}, not an ONNX model file",
+                                 "pass the .onnx file itself")
         try:
             model = onnx.load(str(path), load_external_data=False)
         except (DecodeError, ValueError, RuntimeError) as error:
