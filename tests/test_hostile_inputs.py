@@ -91,3 +91,50 @@ def test_a_hostile_layer_name_never_breaks_a_command(tmp_path: Path, name: str) 
         assert "\x1b" not in result.output, args  # shown as the text \x1b, never sent raw
     rows = json.loads(runner.invoke(build_cli(), ["query", "--db", db, "--format", "json"]).stdout)
     assert rows[0]["layer"] == name  # JSON keeps the name exactly (escaped by JSON itself)
+
+
+def _broken_data(tmp_path: Path) -> dict[str, Path]:
+    """Labelled-data files of ten broken kinds, for a model taking 1 x 8 x 8 inputs."""
+    x, y = np.zeros((4, 1, 8, 8), np.float32), np.arange(4)
+    files: dict[str, Path] = {}
+
+    def npz(name: str, **arrays: Any) -> None:
+        files[name] = tmp_path / f"{name}.npz"
+        np.savez(files[name], **arrays)
+
+    npz("object-labels", x=x, y=np.array([{"a": 1}] * 4, dtype=object))
+    npz("text-inputs", x=np.array([["a"] * 64] * 4).reshape(4, 1, 8, 8), y=y)
+    npz("no-labels", x=x)
+    npz("float-text-labels", x=x, y=np.array(["1", "2", "3", "4"]))
+    good = tmp_path / "good.npz"
+    np.savez(good, x=x, y=y)
+    data = good.read_bytes()
+    files["truncated"] = tmp_path / "truncated.npz"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["random"] = tmp_path / "random.npz"
+    files["random"].write_bytes(np.random.default_rng(0).bytes(2000))
+    files["empty"] = tmp_path / "empty.npz"
+    files["empty"].write_bytes(b"")
+    for name, content in (("not-an-image", b"GIF89a\x00garbage"), ("empty-image", b"")):
+        folder = tmp_path / name / "cat"
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(content)
+        files[name] = tmp_path / name
+    from PIL import Image
+
+    big = tmp_path / "huge-image" / "cat"
+    big.mkdir(parents=True)
+    Image.new("L", (4000, 4000)).save(big / "a.png")  # a few KB, 16 M pixels
+    files["huge-image"] = tmp_path / "huge-image"
+    return files
+
+
+def test_broken_labelled_data_is_one_clear_error(tmp_path: Path) -> None:
+    from specprof.plugins.analyzers.datasets import open_data
+
+    for name, path in _broken_data(tmp_path).items():
+        with pytest.raises(SpecprofError) as caught:
+            source = open_data(path, (1, 8, 8), batch_size=2)
+            for _ in source.batches:
+                pass
+        assert "\n" not in caught.value.one_line(), name

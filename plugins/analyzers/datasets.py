@@ -93,12 +93,16 @@ def _npz_member(archive: zipfile.ZipFile, key: str) -> str | None:
     return next((name for name in (f"{key}.npy", key) if name in names), None)
 
 
-def _npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _npy_header(handle: Any, member: str = "") -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran_order, dtype) of a .npy stream, leaving it at the first data byte."""
-    major, _minor = np.lib.format.read_magic(handle)
-    if major == 1:
-        return np.lib.format.read_array_header_1_0(handle)
-    return np.lib.format.read_array_header_2_0(handle)
+    try:
+        major, _minor = np.lib.format.read_magic(handle)
+        if major == 1:
+            return np.lib.format.read_array_header_1_0(handle)
+        return np.lib.format.read_array_header_2_0(handle)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"array '{member}' is not a readable .npy ({error})",
+                        "save the data with np.savez(path, x=inputs, y=labels)") from error
 
 
 def _stream_npy(archive: zipfile.ZipFile, member: str, batch_size: int
@@ -108,22 +112,31 @@ def _stream_npy(archive: zipfile.ZipFile, member: str, batch_size: int
     zipfile decompresses as it reads, so this works for ``savez`` and ``savez_compressed`` alike.
     """
     with archive.open(member) as handle:
-        shape, fortran, dtype = _npy_header(handle)
-        if dtype.hasobject:
-            raise DataError(f"array '{member}' holds Python objects", "save numeric arrays")
+        shape, fortran, dtype = _npy_header(handle, member)
+        if dtype.hasobject or dtype.kind not in "fiub":
+            raise DataError(f"array '{member}' holds {dtype} values, not numbers",
+                            "save numeric arrays")
         if fortran and len(shape) > 1:  # rows are not contiguous in the file
             raise DataError(f"array '{member}' is stored in Fortran order, which cannot be "
                             "read in batches", "save it with np.ascontiguousarray(x)")
         row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
         for start in range(0, shape[0] if shape else 0, batch_size):
             count = min(batch_size, shape[0] - start)
-            raw = handle.read(count * row * dtype.itemsize)
+            try:
+                raw = handle.read(count * row * dtype.itemsize)
+            except (OSError, EOFError, zipfile.BadZipFile) as error:
+                raise DataError(f"array '{member}' cannot be read ({error})",
+                                "check that the file is complete") from error
+            if len(raw) != count * row * dtype.itemsize:
+                raise DataError(f"array '{member}' is truncated: {shape[0]} rows declared, "
+                                f"data ends before row {start + len(raw) // max(row * dtype.itemsize, 1)}",
+                                "check that the file is complete")
             yield np.frombuffer(raw, dtype=dtype).reshape((count, *shape[1:]))
 
 
 def _npy_rows(archive: zipfile.ZipFile, member: str) -> int:
     with archive.open(member) as handle:
-        shape, _fortran, _dtype = _npy_header(handle)
+        shape, _fortran, _dtype = _npy_header(handle, member)
     return int(shape[0]) if shape else 0
 
 
@@ -143,8 +156,12 @@ def npz_source(path: Path, sample_shape: tuple[int | None, ...], batch_size: int
             raise DataError(f"labels missing: {path} has no array 'y'",
                             "save the labels too: np.savez(path, x=inputs, y=labels)")
         n = _npy_rows(archive, x_member)
-    with np.load(path) as arrays:
-        labels = np.asarray(arrays["y"]).reshape(-1)
+    try:  # never unpickle: an object array in a .npz could run code
+        with np.load(path, allow_pickle=False) as arrays:
+            labels = np.asarray(arrays["y"]).reshape(-1)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"cannot read the labels 'y' of {path} ({error})",
+                        "save numeric arrays: np.savez(path, x=inputs, y=labels)") from error
     if labels.shape[0] != n:
         raise DataError(f"{path} has {n} inputs but {labels.shape[0]} labels",
                         "give exactly one label per input")
@@ -188,20 +205,25 @@ def image_folder_source(path: Path, sample_shape: tuple[int | None, ...], batch_
     channels = sample_shape[0] or 3
 
     def read(image_path: Path) -> np.ndarray:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(image_path) as image:
-            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+        try:
+            with Image.open(image_path) as image:  # reads the header only
+                width, height = image.size
+                if any(want is not None and have != want for have, want
+                       in zip((height, width), sample_shape[1:], strict=True)):
+                    raise InputShapeError(  # before decoding: a small file can hold a huge image
+                        f"image {image_path} is {width}x{height} pixels, but the model expects "
+                        f"{sample_shape[2]}x{sample_shape[1]} (inputs {_shape_text(sample_shape)})",
+                        f"resize the images to {sample_shape[2]}x{sample_shape[1]} first "
+                        "(specprof does not resize: it would change what the model sees)")
+                pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"),
+                                    dtype=np.float32)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"cannot read image {image_path} ({error})",
+                            "remove it or replace it with a valid PNG/JPEG") from error
         pixels = pixels / 255.0
-        array = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-        if any(want is not None and have != want
-               for have, want in zip(array.shape[1:], sample_shape[1:], strict=True)):
-            raise InputShapeError(
-                f"image {image_path} is {array.shape[2]}x{array.shape[1]} pixels, but the model "
-                f"expects {sample_shape[2]}x{sample_shape[1]} (inputs {_shape_text(sample_shape)})",
-                f"resize the images to {sample_shape[2]}x{sample_shape[1]} first (specprof does not "
-                "resize: it would change what the model sees)")
-        return array
+        return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, len(files), batch_size):
