@@ -138,3 +138,28 @@ def test_broken_labelled_data_is_one_clear_error(tmp_path: Path) -> None:
             for _ in source.batches:
                 pass
         assert "\n" not in caught.value.one_line(), name
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("postgresql:/x", "neither a file path nor a database URL"),
+    ("sqlite:/x.db", "neither a file path nor a database URL"),
+    ("sqlite://", "in-memory SQLite database"),
+    ("sqlite:///:memory:", "in-memory SQLite database"),
+])
+def test_database_url_typos_and_memory_databases_are_refused(
+        tmp_path: Path, url: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from specprof.engine.store import Store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPECPROF_ALLOW_MEMORY_DB", raising=False)
+    with pytest.raises(SpecprofError, match=message):
+        Store.open(url)
+    assert list(tmp_path.iterdir()) == []  # no stray relative SQLite file created
+
+
+def test_a_memory_database_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specprof.engine.store import Store
+
+    monkeypatch.setenv("SPECPROF_ALLOW_MEMORY_DB", "1")
+    with Store.open("sqlite://") as store:
+        assert store.counts()["runs"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,12 @@ BUSY_TIMEOUT_S = 30
 PG_CONNECT_TIMEOUT_S = 10
 
 
+MEMORY_ENV = "SPECPROF_ALLOW_MEMORY_DB"
+"""Set to 1 to allow an in-memory SQLite URL (results vanish when the process ends)."""
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!\\)")
+"""A URL scheme (two letters or more, so a Windows drive 'C:' is not one)."""
+
+
 def default_db_path() -> Path:
     """The per-user SQLite file: ``$XDG_DATA_HOME/specprof/specprof.db`` (~/.local/share)."""
     data_home = os.environ.get("XDG_DATA_HOME", "")
@@ -33,6 +40,12 @@ def resolve_url(db: str | None) -> str:
     a SQLite file; ``postgresql://``/``postgres://`` -> psycopg 3; any other URL unchanged."""
     if db is None:
         db = os.environ.get("SPECPROF_DB") or str(default_db_path())
+    scheme = _SCHEME.match(db)
+    if scheme and "://" not in db:  # 'postgresql:/x', 'sqlite:x.db': a typo, not a file name
+        raise StoreError(f"{db!r} is neither a file path nor a database URL (a URL needs "
+                         f"'{scheme.group(1)}://')",
+                         "e.g. --db results.db, or postgresql://user@host/db, or "
+                         "sqlite:////abs/path.db")
     if "://" not in db:
         return f"sqlite:///{Path(db).expanduser().absolute()}"
     for prefix in ("postgresql://", "postgres://"):
@@ -45,10 +58,17 @@ def parse_url(db: str | None) -> URL:
     """``resolve_url`` as a SQLAlchemy URL; a StoreError if it is not one."""
     text_url = resolve_url(db)
     try:
-        return make_url(text_url)
+        url = make_url(text_url)
     except ArgumentError as error:
         raise StoreError(f"not a database URL: {text_url!r}",
                          "pass a file path or a URL like postgresql://user@host/db") from error
+    if url.get_backend_name() == "sqlite" and (url.database or "") in ("", ":memory:") \
+            and os.environ.get(MEMORY_ENV) != "1":
+        raise StoreError(f"{text_url!r} is an in-memory SQLite database: every result would be "
+                         "lost when the command ends",
+                         f"give a file (--db results.db), or set {MEMORY_ENV}=1 if that is "
+                         "what you want")
+    return url
 
 
 def is_sqlite_file(url: URL) -> bool:
