@@ -41,12 +41,12 @@ class Stored:
 
 
 class _Cells(HTMLParser):
-    """Body rows of each table by id, and every <img> src."""
+    """Body rows of each table by id, and every <svg> plot's id."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: dict[str, int] = {}
-        self.images: list[str] = []
+        self.plots: list[str] = []
         self._table: str | None = None
         self._in_body = False
 
@@ -59,8 +59,8 @@ class _Cells(HTMLParser):
             self._in_body = True
         elif tag == "tr" and self._in_body and self._table is not None:
             self.rows[self._table] += 1
-        elif tag == "img":
-            self.images.append(attributes.get("src") or "")
+        elif tag == "svg":
+            self.plots.append(attributes.get("id") or "")
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "tbody":
@@ -108,9 +108,11 @@ def test_report_is_self_contained_with_table_plots_and_hypergraphs(stored: Store
     assert cells.rows["hypergraph-table"] == 2 and cells.rows["hypergraph-list"] == 1
     assert "0.375" in text and "modularity" in text
     # sigma_max by depth, backend comparison, sigma_max across the two runs, 2 ESD histograms
-    # (conv1, conv2; fc has 5 values, too few, but its histogram is still drawn: 3 in all).
-    assert len(cells.images) == 6
-    assert all(src.startswith("data:image/png;base64,") for src in cells.images)
+    # (conv1, conv2; fc has 5 values, too few, but its histogram is still drawn: 3 in all),
+    # drawn as inline SVG by specprof.engine.render (the code specprof serve draws with).
+    assert cells.plots == ["sigma-max-by-depth", "backend-comparison", "runs-sigma_max",
+                           "esd-0", "esd-1", "esd-2"]
+    assert "MP fit" in text and "<img" not in text
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", text)  # nothing external
     assert "rand_alpha" in text and "shuffled-weights baseline included" in text
     assert '"boundary": "model"' in html.unescape(text)  # the run's parameters
@@ -179,4 +181,4 @@ def test_report_renders_in_headless_chromium(stored: Stored, tmp_path: Path) -> 
                          capture_output=True, text=True, timeout=120).stdout
     cells = parse(dom)
     assert cells.rows["layers-table"] == 3
-    assert len(cells.images) == 6
+    assert len(cells.plots) == 6

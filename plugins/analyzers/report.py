@@ -1,22 +1,20 @@
 """``specprof report``: one self-contained HTML file about one stored run.
 
-Everything is inline (CSS, a few lines of JS to sort the table, PNG plots as base64 data URIs),
-so the file can be mailed or archived and opens offline. The spectral analysis is read from the
-store; if the run has none yet it is computed (and stored) first.
+Everything is inline (CSS, a few lines of JS to sort the table, plots as SVG), so the file can
+be mailed or archived and opens offline. Its pieces (escaping, tables, page, plots) are
+``specprof.engine.render``'s, which ``specprof serve`` uses too. The spectral analysis is
+read from the store; if the run has none yet it is computed (and stored) first.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from specprof.engine.errors import SpecprofError
+from specprof.engine.render import definitions, escape, page, table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,82 +31,14 @@ TABLE_COLUMNS = ["layer", "description", "kind", "backend", "n_values", "alpha",
                  "lipschitz_bound", "rand_alpha", "rand_n_spikes", "notes"]
 HYPERGRAPH_SKIP = {"analysis_id", "run", "model", "analyzer", "params", "created_at"}
 
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;font-size:12px;margin:8px 0}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-td.text,th.text{text-align:left}td.text{max-width:360px}
-th{background:#eef2f7;cursor:pointer;user-select:none}
-th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
-tr:nth-child(even) td{background:#fafafa}
-.plots img{margin:4px;border:1px solid #ddd;max-width:100%}
-dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}
-dt{font-weight:600}pre{font-size:12px;background:#f6f6f6;padding:8px;overflow:auto}
-.note{color:#666;font-size:12px}
-"""
-
-# Click a header to sort by that column; numbers numerically, empty cells last.
-SORT_JS = """
-document.querySelectorAll("table.sortable th").forEach(function(th, col){
-  th.addEventListener("click", function(){
-    var body = th.closest("table").tBodies[0], asc = !th.classList.contains("sorted-asc");
-    th.parentNode.querySelectorAll("th").forEach(function(h){h.className=h.className.replace(/ ?sorted-(asc|desc)/g,"");});
-    th.className += asc ? " sorted-asc" : " sorted-desc";
-    var key = function(r){var t=r.cells[col].textContent.trim(), n=parseFloat(t); return t==="" ? null : (isNaN(n) ? t : n);};
-    Array.from(body.rows).sort(function(a, b){
-      var x = key(a), y = key(b);
-      if (x === null || y === null) return (x === null) - (y === null);
-      return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
-    }).forEach(function(r){body.appendChild(r);});
-  });
-});
-"""
-
 
 # --- formatting ----------------------------------------------------------------------------------
-
-
-def _text(value: Any) -> str:
-    """A cell: floats to 6 significant digits, NaN/None empty, everything escaped."""
-    if value is None:
-        return ""
-    if isinstance(value, float | np.floating):
-        return "" if not math.isfinite(float(value)) else f"{float(value):.6g}"
-    import pandas as pd
-
-    if pd.api.types.is_scalar(value) and pd.isna(value):
-        return ""
-    return html.escape(str(value))
-
-
-def _is_numeric(frame: pd.DataFrame, column: str) -> bool:
-    values = [v for v in frame[column] if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return bool(values) and all(isinstance(v, int | float | np.integer | np.floating)
-                                and not isinstance(v, bool) for v in values)
 
 
 def html_table(frame: pd.DataFrame, columns: list[str], table_id: str) -> str:
     """A sortable HTML table of ``frame``'s ``columns`` (those it has)."""
     columns = [c for c in columns if c in frame.columns]
-    kinds = {c: "" if _is_numeric(frame, c) else "text" for c in columns}
-    head = "".join(f'<th class="{kinds[c]}">{html.escape(c)}</th>' for c in columns)
-    rows = []
-    for record in frame[columns].to_dict("records"):
-        cells = "".join(f'<td class="{kinds[c]}">{_text(record[c])}</td>' for c in columns)
-        rows.append(f"<tr>{cells}</tr>")
-    return (f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
-
-
-def _image(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _definitions(items: dict[str, Any]) -> str:
-    return "<dl>" + "".join(f"<dt>{html.escape(str(k))}</dt><dd>{_text(v)}</dd>"
-                            for k, v in items.items()) + "</dl>"
+    return table(frame[columns].to_dict("records"), columns, table_id)
 
 
 # --- content -------------------------------------------------------------------------------------
@@ -153,8 +83,8 @@ def _esd_section(store: Store, run_id: int, rows: pd.DataFrame) -> str:
         scale = float(max(shape)) if shape is not None else 1.0
         title = (f"{layer_row['name']} ({spectrum.kind}, {spectrum.backend})"
                  + ("" if shape is not None else ": unnormalized, shape unknown"))
-        png = plots.esd_plot(spectrum.values**2 / scale, spectrum.multiplicities, record, title)
-        images.append(_image(png, f"ESD of {layer_row['name']}"))
+        images.append(plots.esd_plot(spectrum.values**2 / scale, spectrum.multiplicities, record,
+                                     title, chart_id=f"esd-{len(images)}"))
     more = len(wanted) - len(images)
     note = f'<p class="note">{more} more layer(s) not drawn.</p>' if more > 0 else ""
     return f'<div class="plots" id="esd-plots">{"".join(images)}</div>{note}'
@@ -164,22 +94,21 @@ def _plots_section(store: Store, run_id: int, model: str, kind: str) -> str:
     from specprof.plugins.analyzers import plots
 
     spectra = store.query(run=run_id)
-    images = [_image(plots.sigma_max_by_depth(spectra, f"sigma_max by depth, run {run_id}"),
-                     "sigma_max by depth")]
+    images = [plots.sigma_max_by_depth(spectra, f"sigma_max by depth, run {run_id}")]
     compared = plots.backend_comparison(spectra)
     if compared is not None:
-        images.append(_image(compared, "backend comparison"))
+        images.append(compared)
     history = store.query(model=model, kind=kind)
     history = history[history["status"] == "ok"].drop_duplicates(["run", "layer_index"])
     across = plots.runs_comparison(history, "sigma_max", f"sigma_max across runs of {model} ({kind})")
     if across is not None:
-        images.append(_image(across, "sigma_max across runs"))
+        images.append(across)
     alphas = store.analyses(model=model, analyzer="spectral")
     if not alphas.empty:
         alphas = alphas[alphas["params"].map(lambda p: p.get("kind") == kind)]
         across_alpha = plots.runs_comparison(alphas, "alpha", f"alpha across runs of {model} ({kind})")
         if across_alpha is not None:
-            images.append(_image(across_alpha, "alpha across runs"))
+            images.append(across_alpha)
     return f'<div class="plots" id="plots">{"".join(images)}</div>'
 
 
@@ -226,24 +155,18 @@ def build_report(store: Store, run_id: int, kind: str | None = None) -> str:
                 else "no shuffled-weights baseline (it needs the model file: "
                      "specprof analyze MODEL_FILE)")
     title = f"specprof report: {info['model']}, run {run_id}"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{STYLE}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<h2>Model summary</h2>{_definitions(summary)}
+    body = f"""<h2>Model summary</h2>{definitions(summary)}
 <p class="note">The Lipschitz bound multiplies the layers' operator-norm bounds in order; it
 assumes a plain chain of these layers with 1-Lipschitz activations (ReLU) and ignores residual
-connections and normalization layers. {html.escape(baseline)}.</p>
-<h2>Layers ({len(rows)}, {html.escape(chosen)} spectra)</h2>
+connections and normalization layers. {escape(baseline)}.</p>
+<h2>Layers ({len(rows)}, {escape(chosen)} spectra)</h2>
 {html_table(rows, TABLE_COLUMNS, "layers-table")}
 <h2>Plots</h2>{_plots_section(store, run_id, info["model"], chosen)}
 <h2>Empirical spectral densities</h2>{_esd_section(store, run_id, rows)}
 <h2>Hypergraph class separation</h2>{_hypergraph_section(store, run_id)}
-<h2>Run parameters</h2><pre>{html.escape(json.dumps(info["config"], indent=2, default=str))}</pre>
-<h2>Versions</h2>{_definitions(info["versions"])}
-<script>{SORT_JS}</script>
-</body></html>
-"""
+<h2>Run parameters</h2><pre>{escape(json.dumps(info["config"], indent=2, default=str))}</pre>
+<h2>Versions</h2>{definitions(info["versions"])}"""
+    return page(title, body)
 
 
 def write_report(store: Store, run_id: int, path: str | Path, kind: str | None = None) -> Path:

@@ -1,0 +1,1 @@
+"""``specprof serve``: the results store as a local, read-only web app (pages, JSON, SQL)."""
