@@ -322,6 +322,21 @@ class ConvApply:
         return self._gather(y) if self.geo.transposed else self._scatter(y)
 
 
+def embedding_grid(geom: ConvGeometry, extra: int = 0) -> tuple[int, ...]:
+    """Per dimension, the smallest m (a multiple of the stride, plus ``extra`` strides) such
+    that the zero-padded convolution is a row/column restriction of the strided circular
+    convolution on the m-grid: m >= n + min(pad_begin, reach) + min(pad_end, reach), reach =
+    dilation (k - 1). Its circulant's norm is then a certified upper bound on the zero-padded
+    operator's. In polyphase units (m / s)."""
+    sizes = []
+    for n, s, dl, k, pb, pe in zip(geom.n, geom.strides, geom.dilations, geom.kernel,
+                                   geom.pad_begin, geom.pad_end, strict=True):
+        reach = dl * (k - 1)
+        m = n + min(pb, reach) + min(pe, reach)
+        sizes.append(-(-m // s) + extra)
+    return tuple(sizes)
+
+
 def apply_pair_flops(geometry: ConvGeometry) -> float:
     """Nominal flops (seconds at ``NOMINAL_FLOPS`` x 1e10) of one ``ConvApply`` product with the
     conv of ``geometry`` and one with its adjoint, as measured on one core: two GEMMs of

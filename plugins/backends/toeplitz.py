@@ -34,7 +34,13 @@ from specprof.engine.circulant import (
     circulant_spectrum_flops,
 )
 from specprof.engine.errors import InputShapeError
-from specprof.engine.operator import ConvApply, ConvGeometry, apply_pair_flops, conv_geometry
+from specprof.engine.operator import (
+    ConvApply,
+    ConvGeometry,
+    apply_pair_flops,
+    conv_geometry,
+    embedding_grid,
+)
 from specprof.engine.parallel import one_blas_thread
 from specprof.engine.types import Layer, Request, Spectrum, Support
 
@@ -165,19 +171,6 @@ def symbol_singular_values(geom: ConvGeometry, grid: tuple[int, ...]) -> np.ndar
 
 
 # --------------------------------------------------------------------------- bounds
-
-
-def embedding_grid(geom: ConvGeometry, extra: int = 0) -> tuple[int, ...]:
-    """Per dimension, the smallest m (a multiple of the stride, plus ``extra`` strides) such
-    that the zero-padded convolution is a row/column restriction of the strided circular
-    convolution on the m-grid (see ``certified_upper_bound``). In polyphase units (m / s)."""
-    sizes = []
-    for n, s, dl, k, pb, pe in zip(geom.n, geom.strides, geom.dilations, geom.kernel,
-                                   geom.pad_begin, geom.pad_end, strict=True):
-        reach = dl * (k - 1)
-        m = n + min(pb, reach) + min(pe, reach)
-        sizes.append(-(-m // s) + extra)
-    return tuple(sizes)
 
 
 def _top_of_grid(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[float, np.ndarray, np.ndarray]:
