@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from specprof.engine.types import Layer, Request, Spectrum, SpectrumKind, Support
+from specprof.engine.errors import printable
+from specprof.engine.types import Layer, Request, Spectrum, SpectrumKind, Support, WeightTensor
 
 if TYPE_CHECKING:
     import onnx
@@ -95,6 +96,33 @@ class Importer(PluginObject, ABC):
         """Return the model as ONNX. Raise ``ModelLoadError`` with a hint for bad input."""
 
 
+class WeightsImporter(Importer):
+    """Reads a checkpoint of named tensors (safetensors, GGUF, a state dict, a LoRA adapter)
+    without any graph: the weights road of DESIGN.md section 8.
+
+    It is found like any importer (``suffixes``, ``sniff``, ``--format``), but the engine
+    calls ``load_weights`` instead of ``load`` wherever ``reads_weights`` says yes, and turns
+    each floating tensor of two or more dimensions into a matrix layer itself (see
+    ``specprof.engine.loading.layers_from_tensors``).
+    """
+
+    def reads_weights(self, path: Path, options: ImportOptions) -> bool:
+        """True when ``path`` is read weights-only (an importer with a graph road too, such as
+        the PyTorch one with ``--model-class``, answers per file)."""
+        return True
+
+    @abstractmethod
+    def load_weights(self, path: Path, options: ImportOptions) -> Iterator[WeightTensor]:
+        """The file's tensors, in file order, each read only when the engine asks.
+        Raise ``ModelLoadError`` with a hint for bad input."""
+
+    def load(self, source: Path | Any, options: ImportOptions) -> onnx.ModelProto:
+        from specprof.engine.errors import ModelLoadError
+
+        raise ModelLoadError(f"the '{self.name}' importer reads weights only: it has no graph",
+                             "profile the checkpoint file itself (specprof profile PATH)")
+
+
 class Backend(PluginObject, ABC):
     """Computes one kind of spectrum of a layer.
 
@@ -150,7 +178,7 @@ class AnalysisContext:
     def say(self, text: str) -> None:
         """Print a note for the user (plain text: brackets are not markup)."""
         if self.console is not None and not self.quiet:
-            self.console.print(text, markup=False, highlight=False)
+            self.console.print(printable(text), markup=False, highlight=False)
 
     def load(self, source: Any, **options: Any) -> LoadedModel:
         """Import a model (a path or a framework object) with ``load_model``, or the engine's

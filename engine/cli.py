@@ -20,7 +20,7 @@ from specprof.engine.cli_common import (
     short_name,
     warn,
 )
-from specprof.engine.errors import SpecprofError
+from specprof.engine.errors import SpecprofError, printable
 
 
 def _model_options(func: Any) -> Any:
@@ -54,8 +54,9 @@ def _model_options(func: Any) -> Any:
 @click.option("--prefer", metavar="NAME,...",
               help="Backends auto tries first, in this order, where they support the layer "
                    "(e.g. a plugin's backend); otherwise auto picks by cost.")
-@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64",
-              show_default=True)
+@click.option("--precision", type=click.Choice(["float64", "float32"]),
+              help="Arithmetic of the SVDs [default: float32 for weights-only checkpoints "
+                   "(safetensors, GGUF, state dicts, LoRA), float64 otherwise].")
 @click.option("--max-dense", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Largest matrix side the dense exact SVD accepts.")
 @click.option("--force", is_flag=True, help="Recompute spectra already in the database.")
@@ -66,7 +67,8 @@ def _model_options(func: Any) -> Any:
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int | None,
-            device: str, prefer: str | None, precision: str, max_dense: int, force: bool, resume: bool,
+            device: str, prefer: str | None, precision: str | None, max_dense: int, force: bool,
+            resume: bool,
             name: str | None,
             input_shape: str | None, model_format: str | None, model_class: str | None,
             output_format: str, quiet: bool, fold_batchnorm: bool = False,
@@ -83,6 +85,8 @@ def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int 
     loaded = api.load_model(model, format=model_format, input_shape=input_shape,
                             model_class=model_class, name=name, fold_batchnorm=fold_batchnorm,
                             skip_unsupported=skip_unsupported)
+    if precision is None:  # checkpoints have no graph: float32 LAPACK is their default
+        precision = "float32" if loaded.proto is None else "float64"
     n_tasks = len(loaded.layers) * len(backend.split(","))
     with layer_progress(n_tasks, f"profiling {loaded.name}", quiet or output_format != "table") as tick:
         frame = api.profile(loaded, backend=backend, db=db, boundary=boundary,  # type: ignore[arg-type]
@@ -103,7 +107,7 @@ def _print_profile_table(frame: Any, title: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(title), title_justify="left", header_style="bold")
+    table = Table(title=Text(printable(title)), title_justify="left", header_style="bold")
     for name, justify in (("#", "right"), ("layer", "left"), ("op", "left"),
                           ("backend", "left"), ("σ_max", "right"), ("σ_min", "right"),
                           ("n", "right"), ("bounds on σ_max", "right"), ("time", "right"),
@@ -114,11 +118,11 @@ def _print_profile_table(frame: Any, title: str) -> None:
         ok = row.status in ("ok", "reused")
         backend = row.backend if row.status == "ok" else f"{row.backend} ({row.status})"
         table.add_row(
-            str(row.index), Text(short_name(row.layer)), Text(row.shape),
-            Text(backend, style="" if ok else "red"),
+            str(row.index), Text(printable(short_name(row.layer))), Text(printable(row.shape)),
+            Text(printable(backend), style="" if ok else "red"),
             number(row.sigma_max, ".4g") if ok else "", number(row.sigma_min, ".4g") if ok else "",
             str(row.n_values) if ok else "", Text(bounds_text(row.lower_bound, row.upper_bound)),
-            f"{row.seconds:.2f} s" if row.status == "ok" else "", Text(row.reason or ""))
+            f"{row.seconds:.2f} s" if row.status == "ok" else "", Text(printable(row.reason or "")))
     print_wide(table)
 
 
@@ -169,7 +173,7 @@ def _print_compare_table(frame: Any, title: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(title), title_justify="left", header_style="bold")
+    table = Table(title=Text(printable(title)), title_justify="left", header_style="bold")
     for name in ("#", "layer", "backend", "σ_max", "rel. error", "all values", "bounds",
                  "brackets", "time"):
         table.add_column(name, justify="left" if name in ("layer", "backend") else "right",
@@ -184,8 +188,8 @@ def _print_compare_table(frame: Any, title: str) -> None:
         first = row.index != previous
         seconds = "" if is_missing(row.seconds) else f"{row.seconds:.3f} s"
         table.add_row(str(row.index) if first else "",
-                      Text(short_name(row.layer)) if first else "",
-                      Text(backend), number(row.sigma_max, ".6g"), number(row.rel_error, ".2%"),
+                      Text(printable(short_name(row.layer))) if first else "",
+                      Text(printable(backend)), number(row.sigma_max, ".6g"), number(row.rel_error, ".2%"),
                       number(row.spectrum_error, ".2%"), bounds, brackets, seconds)
         previous = row.index
     print_wide(table)
@@ -209,17 +213,24 @@ def layers(model: str, input_shape: str | None, model_format: str | None,
     loaded = api.load_model(model, format=model_format, input_shape=input_shape,
                             model_class=model_class, fold_batchnorm=fold_batchnorm,
                             skip_unsupported=skip_unsupported)
-    rows = [{"index": layer.index, "layer": layer.name, "op_type": layer.op_type,
+    rows = [{"index": layer.index, "layer": layer.name, "block": layer.block,
+             "role": layer.role, "op_type": layer.op_type,
              "shape": layer.describe(), "weight": "x".join(map(str, layer.weight.shape)),
              "input": "x".join(map(str, layer.input_shape or ())) or "unknown",
              "status": "profiled", "reason": layer.note} for layer in loaded.layers]
-    rows += [{"index": None, "layer": node.name, "op_type": node.op_type, "shape": "",
-              "weight": "", "input": "", "status": "skipped", "reason": node.reason}
+    rows += [{"index": None, "layer": node.name, "block": None, "role": "",
+              "op_type": node.op_type, "shape": "", "weight": "", "input": "",
+              "status": "skipped", "reason": node.reason}
              for node in loaded.skipped]
-    title = (f"{loaded.name}: imported by '{loaded.format}' ({loaded.framework}), opset "
-             f"{loaded.opset}, {len(loaded.layers)} layers, {loaded.n_params:,} parameters")
+    graph = f"opset {loaded.opset}" if loaded.proto is not None else "weights only"
+    title = (f"{loaded.name}: imported by '{loaded.format}' ({loaded.framework}), {graph}, "
+             f"{len(loaded.layers)} layers, {loaded.n_params:,} parameters")
     warn(loaded.warnings, output_format != "table")
-    emit(pd.DataFrame(rows), output_format, title)
+    frame = pd.DataFrame(rows)
+    frame["block"] = frame["block"].astype("Int64")
+    if output_format == "table":  # a blank cell, not <NA>, where a name has no block
+        frame["block"] = [str(block) if block is not pd.NA else "" for block in frame["block"]]
+    emit(frame, output_format, title)
 
 
 def _plugin_rows(kind: str | None = None) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ import click
 from specprof.engine.cli_common import DB_OPTION, OUTPUT_FORMATS, emit
 from specprof.engine.errors import SpecprofError
 
-QUERY_COLUMNS = ["spectrum_id", "run", "model", "layer", "op_type", "shape", "input_shape",
+QUERY_COLUMNS = ["spectrum_id", "run", "model", "layer", "block", "role", "op_type", "shape",
+                 "input_shape",
                  "backend", "kind", "boundary", "status", "n_values", "sigma_max", "sigma_min",
                  "stable_rank", "seconds", "message"]
 FILE_FORMATS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}

@@ -102,6 +102,10 @@ class LayerRow(Base):
     weight_hash: Mapped[str] = mapped_column(String(64))
     layer_hash: Mapped[str] = mapped_column(String(64), index=True)
     description: Mapped[str] = mapped_column(String(255))
+    block: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Transformer block index read from the name (``layers.12.``); NULL when none."""
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """q, k, v, qkv, o, up, gate, down, embedding, head or other (``engine.naming``)."""
 
 
 class RunRow(Base):

@@ -5,20 +5,24 @@ This is the single entry of the import stage for the CLI and the Python API alik
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
-from specprof.engine.base import Importer, ImportOptions
+from specprof.engine.base import Importer, ImportOptions, WeightsImporter
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
 from specprof.engine.extract import extract
+from specprof.engine.naming import block_of, fused_note, role_of
 from specprof.engine.normalize import default_opset, has_external_data, normalize
 from specprof.engine.plugins import Registry, get_registry
-from specprof.engine.types import LoadedModel
+from specprof.engine.types import Layer, LoadedModel, SkippedNode, StreamedLayers, WeightTensor
 
 # Enough for every importer's magic bytes; the file is read once and the head shared.
 _SNIFF_BYTES = 4096
@@ -53,8 +57,13 @@ def _ensure_available(importer_class: type[Importer]) -> None:
 
 
 def _read_head(path: Path) -> bytes:
+    """The first bytes of a model file, for sniffing; never opens a FIFO, socket or device
+    (a FIFO would block, /dev/zero never ends)."""
     if path.is_dir():
         return b""
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a regular file (a FIFO, socket or device)",
+                             "pass the model file itself")
     try:
         with path.open("rb") as handle:
             return handle.read(_SNIFF_BYTES)
@@ -104,6 +113,89 @@ def choose_object_importer(obj: Any, registry: Registry) -> Importer:
                          f"pass a model file, or an object of a supported framework ({_known(registry)})")
 
 
+CONV_KERNEL_NOTE = ("filter SVD only: the (c_out, c_in*k) unfolding of a conv kernel; "
+                    "its operator spectrum needs a graph")
+
+
+def with_names(layer: Layer) -> Layer:
+    """``layer`` with the block and role its name says (``engine.naming``)."""
+    return replace(layer, block=block_of(layer.name), role=role_of(layer.name))
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
+
+
+def _not_a_layer(tensor: WeightTensor) -> str:
+    """Why a checkpoint tensor is not a matrix layer ('' when it is one).
+
+    Layers are every floating tensor of two or more dimensions with both sides (rows, and
+    the product of the other dimensions) at least 2."""
+    shape = tensor.shape
+    if not tensor.floating:
+        return (f"{tensor.dtype} tensor {_shape_text(shape)}: an integer buffer, "
+                "not a weight")
+    if len(shape) < 2:
+        return (f"{len(shape)}-D tensor {_shape_text(shape)} (a norm, bias or scale): "
+                "not a matrix")
+    if min(shape[0], math.prod(shape[1:])) < 2 and not tensor.always_layer:
+        return f"tensor {_shape_text(shape)} has a side below 2: not a matrix"
+    return ""
+
+
+def tensor_layer(tensor: WeightTensor, index: int) -> Layer:
+    """The matrix layer of a checkpoint tensor (one that ``_not_a_layer`` accepts).
+
+    A tensor of more than two dimensions (a conv kernel) is unfolded to (c_out, rest), its
+    filter-SVD matrix, and its note says so.
+    """
+    shape = tensor.shape
+    rows, cols = shape[0], math.prod(shape[1:])
+    role = role_of(tensor.name)
+    note = _join(tensor.note, fused_note(role), CONV_KERNEL_NOTE if len(shape) > 2 else "")
+    values = np.asarray(tensor.read(), dtype=np.float32).reshape(rows, cols)
+    return Layer(name=tensor.name, op_type="MatMul", weight=values, input_shape=(cols,),
+                 output_shape=(rows,), index=index, node_name=tensor.name, note=note,
+                 block=block_of(tensor.name), role=role)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + " x ".join(map(str, shape)) + ")" if shape else "(scalar)"
+
+
+def layer_tensors(tensors: Iterable[WeightTensor]
+                  ) -> tuple[list[WeightTensor], list[SkippedNode]]:
+    """The tensors of a checkpoint that are layers, in file order, and the others with the
+    reason; decided from shapes and dtypes alone (nothing is read)."""
+    layers: list[WeightTensor] = []
+    skipped: list[SkippedNode] = []
+    for tensor in tensors:
+        reason = _not_a_layer(tensor)
+        if reason:
+            skipped.append(SkippedNode(tensor.name, tensor.dtype, reason))
+        else:
+            layers.append(tensor)
+    return layers, skipped
+
+
+def _load_weights_model(importer: WeightsImporter, path: Path, options: ImportOptions,
+                        name: str | None) -> LoadedModel:
+    tensors, skipped = layer_tensors(importer.load_weights(path, options))
+    warnings = []
+    if not tensors:
+        warnings.append(f"{path} holds no matrix of floating weights "
+                        f"({len(skipped)} tensor(s), all skipped: see 'specprof layers')")
+
+    def build(position: int) -> Layer:
+        return tensor_layer(tensors[position], position)
+
+    layers = StreamedLayers(build, [math.prod(tensor.shape) for tensor in tensors])
+    return LoadedModel(name=name or path.stem, format=importer.name,
+                       framework=importer.framework, opset=0, layers=layers,
+                       skipped=tuple(skipped), warnings=tuple(warnings), source=str(path),
+                       proto=None)
+
+
 def _object_name(obj: Any) -> str:
     if isinstance(obj, onnx.ModelProto) and obj.graph.name:
         return obj.graph.name
@@ -139,6 +231,8 @@ def load_model(
         if not path.exists():
             raise ModelLoadError(f"model file {path} does not exist", "check the path")
         importer = choose_importer(path, registry, format)
+        if isinstance(importer, WeightsImporter) and importer.reads_weights(path, options):
+            return _load_weights_model(importer, path, options, name)
         proto = importer.load(path, options)
         display_name, source_text = name or path.stem, str(path)
         model_path = path
@@ -156,8 +250,9 @@ def load_model(
     extraction = extract(normalized, fold_batchnorm=fold_batchnorm,
                          skip_unsupported=skip_unsupported,
                          base_dir=str(model_path.parent) if on_disk and model_path else "")
-    layers = [replace(layer, note="; ".join(extraction.notes[layer.name]))
-              if extraction.notes.get(layer.name) else layer for layer in extraction.layers]
+    layers = [with_names(replace(layer, note="; ".join(extraction.notes[layer.name]))
+                         if extraction.notes.get(layer.name) else layer)
+              for layer in extraction.layers]
     skipped = list(extraction.skipped)
     warnings += [*extraction.warnings, *extraction.note_warnings()]
     if on_disk:

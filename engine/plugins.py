@@ -42,6 +42,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "specprof.plugins.importers.tflite_importer",
     "specprof.plugins.importers.jax_importer",
     "specprof.plugins.importers.sklearn_importer",
+    "specprof.plugins.importers.lora_importer",
+    "specprof.plugins.importers.safetensors_importer",
+    "specprof.plugins.importers.gguf_importer",
     "specprof.plugins.backends.exact",
     "specprof.plugins.backends.filter",
     "specprof.plugins.backends.fft_circulant",
@@ -49,6 +52,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "specprof.plugins.backends.selection",
     "specprof.plugins.analyzers.spectral",
     "specprof.plugins.analyzers.hypergraph",
+    "specprof.plugins.serve.plugin",
 )
 DISABLE_ENV = "SPECPROF_DISABLED_PLUGINS"
 OVERRIDE_ENV = "SPECPROF_OVERRIDE_PLUGINS"

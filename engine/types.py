@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, overload
 
 import numpy as np
 
@@ -41,7 +42,8 @@ def _hash_array(digest: Any, array: np.ndarray | None) -> None:
         return
     digest.update(str(array.dtype).encode())
     digest.update(json.dumps(array.shape).encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
+    # The array's own buffer, not a bytes copy: a checkpoint's matrices are hundreds of MB.
+    digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +80,12 @@ class Layer:
     note: str = ""
     """How the layer was read when that matters: dequantized, fused QKV, folded BatchNorm.
     Not part of ``content_hash``: it describes the source, not the map."""
+    block: int | None = None
+    """The transformer block the layer belongs to, read from its name (``layers.12.``);
+    None when the name has none. Not part of ``content_hash``, like the name."""
+    role: str = ""
+    """What the layer does in its block, read from its name by ``engine.naming``: one of
+    ``ROLES`` (q, k, v, qkv, o, up, gate, down, embedding, head, other), or '' when unknown."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", _frozen(np.asarray(self.weight)))
@@ -163,6 +171,27 @@ class Layer:
         if self.input_shape is not None:
             parts.append("@" + "x".join(map(str, self.input_shape[1:])))
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class WeightTensor:
+    """One named tensor of a weights-only checkpoint, before it becomes a ``Layer``.
+
+    ``shape`` and ``dtype`` are known without reading the data, so that the engine can decide
+    what is a layer (and list the rest as skipped) before anything is loaded; ``read`` returns
+    the values (float32 for floating tensors), once, when the layer is built.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    """The stored type as the format names it: ``F32``, ``BF16``, ``Q4_K``, ``I64``, ..."""
+    floating: bool
+    read: Callable[[], np.ndarray]
+    note: str = ""
+    """How the tensor was read (dequantized from Q4_K, a LoRA update's core, ...)."""
+    always_layer: bool = False
+    """A layer even when a side is below 2 (a rank-1 LoRA update's 1 x 1 core)."""
 
 
 @dataclass(frozen=True)
@@ -306,6 +335,50 @@ class Spectrum:
         return np.repeat(self.values, self.multiplicities)
 
 
+class StreamedLayers(Sequence[Layer]):
+    """The layers of a weights-only checkpoint, each built from its tensor when asked for.
+
+    Nothing is kept between two requests for a layer: iterating holds one tensor's values at
+    a time, so profiling a checkpoint needs memory for its largest matrix, not for all of
+    them. A layer's hashes are computed the first time it is built and kept (64 bytes each),
+    so the store's repeated requests for them do not hash the weights again.
+    """
+
+    def __init__(self, build: Callable[[int], Layer], sizes: Sequence[int]) -> None:
+        self._build = build
+        self._sizes = tuple(int(size) for size in sizes)
+        self._hashes: dict[int, tuple[str, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    @overload
+    def __getitem__(self, index: int) -> Layer: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Layer, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Layer | tuple[Layer, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        position = range(len(self))[index]  # IndexError for out-of-range positions
+        layer = self._build(position)
+        hashes = self._hashes.get(position)
+        if hashes is None:
+            hashes = self._hashes[position] = (layer.content_hash, layer.weight_hash)
+        # cached_property keeps its value in the instance dict: seed it with the known hashes.
+        vars(layer).update(content_hash=hashes[0], weight_hash=hashes[1])
+        return layer
+
+    def __iter__(self) -> Iterator[Layer]:
+        return (self[position] for position in range(len(self)))
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of all the layers, from their shapes (nothing is read)."""
+        return sum(self._sizes)
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """A model after import, normalization and extraction: what the rest of the engine sees."""
@@ -315,7 +388,8 @@ class LoadedModel:
     """The importer that read it (``onnx``, ``torch``, ...)."""
     framework: str
     opset: int
-    layers: tuple[Layer, ...]
+    layers: Sequence[Layer]
+    """A tuple, or for weights-only checkpoints ``StreamedLayers`` (built one at a time)."""
     skipped: tuple[SkippedNode, ...] = ()
     warnings: tuple[str, ...] = ()
     source: str = ""
@@ -324,6 +398,8 @@ class LoadedModel:
 
     @property
     def n_params(self) -> int:
+        if isinstance(self.layers, StreamedLayers):
+            return self.layers.n_params
         return sum(int(layer.weight.size) + (0 if layer.bias is None else int(layer.bias.size))
                    for layer in self.layers)
 

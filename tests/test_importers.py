@@ -250,12 +250,18 @@ def test_state_dict_that_does_not_fit_the_class(registry, torch_net, tmp_path, m
                    registry=registry)
 
 
-def test_state_dict_without_model_class_names_the_option(registry, torch_net, tmp_path):
+def test_state_dict_without_model_class_is_read_weights_only(registry, torch_net, tmp_path):
     path = tmp_path / "weights.pt"
-    torch.save(torch_net.state_dict(), path)
-    with pytest.raises(ModelLoadError, match="state_dict") as info:
-        load_model(path, input_shape=SMALL_CNN_INPUT, registry=registry)
-    assert "--model-class" in info.value.hint
+    state = torch_net.state_dict()
+    torch.save(state, path)
+    loaded = load_model(path, registry=registry)
+    assert loaded.proto is None  # no graph: every 2-D-or-more float weight is a matrix layer
+    expected = [name for name, tensor in state.items()
+                if tensor.is_floating_point() and tensor.ndim >= 2]
+    assert [layer.name for layer in loaded.layers] == expected
+    for layer in loaded.layers:  # conv kernels unfolded to (c_out, rest), as the filter SVD
+        weight = state[layer.name].numpy()
+        np.testing.assert_array_equal(layer.weight, weight.reshape(weight.shape[0], -1))
 
 
 def test_pickled_module_is_refused_by_safe_loading(registry, torch_net, tmp_path, monkeypatch):

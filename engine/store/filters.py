@@ -22,14 +22,16 @@ from specprof.engine.errors import StoreError
 # The columns ``--where`` and ``--sort`` may name: summary columns of a result, never free SQL.
 WHERE_COLUMNS = ("sigma_max", "sigma_min", "frobenius", "stable_rank", "upper_bound",
                  "lower_bound", "n_values", "seconds")
+NAME_COLUMNS = ("block", "role")
+"""Layer columns read from names: ``block`` compares with numbers, ``role`` with a quoted word."""
 SORT_COLUMNS = (*WHERE_COLUMNS, "run", "model", "layer", "layer_index", "backend", "kind",
-                "status", "spectrum_id")
+                "status", "spectrum_id", *NAME_COLUMNS)
 
 QUERY_COLUMNS = (
-    "spectrum_id", "run", "model", "layer", "layer_index", "op_type", "shape", "input_shape",
-    "backend", "kind", "boundary", "status", "message", "n_values", "sigma_max", "sigma_min",
-    "frobenius", "stable_rank", "upper_bound", "lower_bound", "exact", "complete", "seconds",
-    "device",
+    "spectrum_id", "run", "model", "layer", "layer_index", "block", "role", "op_type", "shape",
+    "input_shape", "backend", "kind", "boundary", "status", "message", "n_values", "sigma_max",
+    "sigma_min", "frobenius", "stable_rank", "upper_bound", "lower_bound", "exact", "complete",
+    "seconds", "device",
 )
 
 MAX_ROW_ID = 2**63 - 1
@@ -37,36 +39,49 @@ MAX_ROW_ID = 2**63 - 1
 
 _WHERE_TERM = re.compile(
     r"\s*([A-Za-z_]+)\s*(<=|>=|==|!=|<>|=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+_WHERE_WORD = re.compile(r"\s*([A-Za-z_]+)\s*(==|!=|<>|=)\s*'([A-Za-z0-9_.-]*)'\s*$")
+_STRING_COLUMNS = ("role",)
+_WHERE_HINT = ("write COLUMN OP NUMBER (or role = 'WORD') joined by 'and', e.g. 'sigma_max > 3 "
+               "and stable_rank < 10' or \"role = 'v' and block < 4\"")
 
 
-def parse_where(text: str | None) -> list[tuple[str, str, float]]:
-    """``"sigma_max > 3 and stable_rank <= 10"`` as [(column, operator, number), ...].
+def _where_term(part: str) -> tuple[str, str, float | str]:
+    """One ``column op value`` term: a number, or a quoted word for ``role``."""
+    match = _WHERE_TERM.match(part)
+    word = _WHERE_WORD.match(part) if match is None else None
+    if match is None and word is None:
+        raise StoreError(f"cannot read the condition {part.strip()!r} in --where", _WHERE_HINT)
+    found = match or word
+    assert found is not None
+    column, op = found.group(1).lower(), {"==": "=", "<>": "!="}.get(found.group(2), found.group(2))
+    if column not in (*WHERE_COLUMNS, *NAME_COLUMNS):
+        raise StoreError(f"--where cannot filter on {column!r}",
+                         f"use one of: {', '.join((*WHERE_COLUMNS, *NAME_COLUMNS))}")
+    if (word is not None) != (column in _STRING_COLUMNS):
+        kind = "a quoted word, e.g. role = 'v'" if column in _STRING_COLUMNS else "a number"
+        raise StoreError(f"--where compares {column!r} with {kind}", _WHERE_HINT)
+    value: float | str = word.group(3).lower() if word is not None else float(found.group(3))
+    return column, op, value
 
-    Only ``column op number`` terms joined by ``and`` are accepted, and only the summary
-    columns in ``WHERE_COLUMNS``: the text is parsed, never pasted into SQL.
+
+def parse_where(text: str | None) -> list[tuple[str, str, float | str]]:
+    """``"sigma_max > 3 and stable_rank <= 10"`` as [(column, operator, value), ...].
+
+    Only ``column op number`` terms (and ``role = 'word'`` / ``role != 'word'``) joined by
+    ``and`` are accepted, and only the summary columns in ``WHERE_COLUMNS`` and the name
+    columns in ``NAME_COLUMNS``: the text is parsed, never pasted into SQL (values are bound
+    parameters).
     """
     if text is None or not text.strip():
         return []
-    terms = []
-    for part in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE):
-        match = _WHERE_TERM.match(part)
-        if match is None:
-            raise StoreError(f"cannot read the condition {part.strip()!r} in --where",
-                             "write COLUMN OP NUMBER joined by 'and', e.g. 'sigma_max > 3 and "
-                             "stable_rank < 10'")
-        column, op, number = match.group(1).lower(), match.group(2), float(match.group(3))
-        if column not in WHERE_COLUMNS:
-            raise StoreError(f"--where cannot filter on {column!r}",
-                             f"use one of: {', '.join(WHERE_COLUMNS)}")
-        terms.append((column, {"==": "=", "<>": "!="}.get(op, op), number))
-    return terms
+    return [_where_term(part) for part in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE)]
 
 
-def comparison(column: str, op: str, number: float) -> ColumnElement[bool]:
-    """One parsed ``--where`` term as a SQL condition on the spectra table."""
-    field = getattr(SpectrumRow, column)
-    return {"<": field < number, "<=": field <= number, ">": field > number,
-            ">=": field >= number, "=": field == number, "!=": field != number}[op]
+def comparison(column: str, op: str, value: float | str) -> ColumnElement[bool]:
+    """One parsed ``--where`` term as a SQL condition on the spectra or layers table."""
+    field = getattr(LayerRow, column) if column in NAME_COLUMNS else getattr(SpectrumRow, column)
+    return {"<": field < value, "<=": field <= value, ">": field > value,
+            ">=": field >= value, "=": field == value, "!=": field != value}[op]
 
 
 def sort_order(sort: str | None) -> list[Any]:
@@ -78,7 +93,8 @@ def sort_order(sort: str | None) -> list[Any]:
         raise StoreError(f"cannot sort by {name!r}", f"use one of: {', '.join(SORT_COLUMNS)} "
                          "(prefix '-' for descending)")
     column = {"run": SpectrumRow.run_id, "model": ModelRow.name, "layer": LayerRow.name,
-              "layer_index": LayerRow.index, "spectrum_id": SpectrumRow.id}.get(
+              "layer_index": LayerRow.index, "spectrum_id": SpectrumRow.id,
+              "block": LayerRow.block, "role": LayerRow.role}.get(
                   name, getattr(SpectrumRow, name, None))
     assert column is not None  # the name was checked against SORT_COLUMNS above
     ordered = column.desc() if sort.strip().startswith("-") else column.asc()
@@ -115,7 +131,8 @@ def query_statement(values: bool) -> Select[Any]:
     s = SpectrumRow
     columns = [
         s.id.label("spectrum_id"), s.run_id.label("run"), ModelRow.name.label("model"),
-        LayerRow.name.label("layer"), LayerRow.index.label("layer_index"), LayerRow.op_type,
+        LayerRow.name.label("layer"), LayerRow.index.label("layer_index"), LayerRow.block,
+        LayerRow.role, LayerRow.op_type,
         LayerRow.weight_shape, LayerRow.input_shape, s.backend, s.kind, s.boundary, s.status,
         s.message, s.n_values, s.sigma_max, s.sigma_min, s.frobenius, s.stable_rank,
         s.upper_bound, s.lower_bound, s.exact, s.complete, s.seconds, s.device,

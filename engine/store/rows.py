@@ -80,7 +80,7 @@ def layer_row(model_id: int, position: int, layer: Layer) -> LayerRow:
         pads=listed(layer.pads), dilations=listed(layer.dilations),
         output_padding=listed(layer.output_padding), groups=int(layer.groups),
         weight_hash=layer.weight_hash, layer_hash=layer.content_hash,
-        description=layer.describe()[:255],
+        description=layer.describe()[:255], block=layer.block, role=layer.role or None,
     )
 
 
@@ -161,8 +161,8 @@ def query_frame(rows: Sequence[Any], values: bool) -> pd.DataFrame:
 
     columns = [*QUERY_COLUMNS, "singular_values"] if values else list(QUERY_COLUMNS)
     frame = pd.DataFrame([query_record(row, values) for row in rows], columns=columns)
-    return frame.astype({"n_values": "Int64", "exact": "boolean", "complete": "boolean",
-                         "layer_index": "int64", "run": "int64", "spectrum_id": "int64",
+    return frame.astype({"n_values": "Int64", "block": "Int64", "exact": "boolean",
+                         "complete": "boolean", "layer_index": "int64", "run": "int64", "spectrum_id": "int64",
                          **dict.fromkeys(FLOAT_COLUMNS, "float64")})
 
 

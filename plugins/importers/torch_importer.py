@@ -1,8 +1,9 @@
 """The PyTorch importer: modules, TorchScript files, exported programs (.pt2) and state_dicts.
 
-Everything becomes ONNX through ``torch.onnx.export``. State dicts are always read with
-``torch.load(weights_only=True)``: a checkpoint is untrusted input and a full unpickle could
-run arbitrary code. torch is imported inside functions only, so that listing plugins or
+Everything becomes ONNX through ``torch.onnx.export``, except a state dict without
+``--model-class``: that is read weights only (each floating tensor a matrix layer, as for
+safetensors). State dicts are always read with ``torch.load(weights_only=True)``: a
+checkpoint is untrusted input and a full unpickle could run arbitrary code. torch is imported inside functions only, so that listing plugins or
 reading ONNX files never pays for it.
 """
 
@@ -15,13 +16,14 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from specprof.engine import hookimpl
-from specprof.engine.base import Importer, ImportOptions
+from specprof.engine.base import ImportOptions, WeightsImporter
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
-from specprof.engine.types import TARGET_OPSET
+from specprof.engine.types import TARGET_OPSET, WeightTensor
 
 if TYPE_CHECKING:  # onnx is imported when a model is converted, not when listed
     import onnx
@@ -185,16 +187,12 @@ def _tensor_mapping(obj: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _load_state_dict_module(path: Path, model_class: str | None) -> Any:
+def _load_state_dict(path: Path) -> Mapping[str, Any]:
+    """The tensors of a state_dict file, read with ``weights_only=True`` (never running code)."""
     import pickle
 
     import torch
 
-    if not model_class:
-        raise ModelLoadError(
-            f"{path} holds a state_dict (weights only), so the model's class is needed to rebuild it",
-            "pass --model-class package.module:Class (a class constructible with no arguments)",
-        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -209,6 +207,25 @@ def _load_state_dict_module(path: Path, model_class: str | None) -> Any:
     if state_dict is None:
         raise ModelLoadError(f"{path} holds a {type(loaded).__name__}, not a state_dict of tensors",
                              "save model.state_dict() with torch.save")
+    return state_dict
+
+
+def _tensor_values(tensor: Any) -> Any:
+    """A tensor as a NumPy array: floating ones as float32 (bfloat16 included)."""
+    if tensor.is_floating_point():
+        return tensor.detach().float().numpy()
+    return tensor.detach().numpy()
+
+
+def _load_state_dict_module(path: Path, model_class: str | None) -> Any:
+    import torch
+
+    if not model_class:
+        raise ModelLoadError(
+            f"{path} holds a state_dict (weights only), so the model's class is needed to rebuild it",
+            "pass --model-class package.module:Class (a class constructible with no arguments)",
+        )
+    state_dict = _load_state_dict(path)
     cls = _class_from_spec(model_class)
     try:
         module = cls()
@@ -228,15 +245,31 @@ def _load_state_dict_module(path: Path, model_class: str | None) -> Any:
     return module
 
 
-class TorchImporter(Importer):
-    """PyTorch models: nn.Module objects, TorchScript, torch.export (.pt2) and state_dicts."""
+class TorchImporter(WeightsImporter):
+    """PyTorch models: nn.Module objects, TorchScript, torch.export (.pt2) and state_dicts
+    (weights only, or rebuilt with ``--model-class``)."""
 
     name = "torch"
-    description = "PyTorch: nn.Module, TorchScript, torch.export .pt2, state_dict + --model-class"
+    description = ("PyTorch: nn.Module, TorchScript, torch.export .pt2, state_dict (weights "
+                   "only, or a graph with --model-class)")
     framework = "pytorch"
     requires = ("torch", "onnxscript")
     extra = "torch"
     suffixes = (".pt", ".pth", ".pt2", ".ts")
+
+    def reads_weights(self, path: Path, options: ImportOptions) -> bool:
+        return (not options.model_class and Path(path).is_file()
+                and archive_kind(Path(path)) == "state_dict")
+
+    def load_weights(self, path: Path, options: ImportOptions) -> Iterator[WeightTensor]:
+        if not self.available():
+            raise MissingExtraError("PyTorch models", "torch")
+        for name, tensor in _load_state_dict(path).items():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            yield WeightTensor(name=name, shape=tuple(tensor.shape), dtype=dtype,
+                               floating=bool(tensor.is_floating_point()),
+                               note="" if dtype == "float32" else f"stored as {dtype}",
+                               read=partial(_tensor_values, tensor))
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return head.startswith(_ZIP_MAGIC) and archive_kind(path) is not None

@@ -31,6 +31,8 @@ _API = {
     "SpectrumKind": "specprof.engine.types",
     "Importer": "specprof.engine.base",
     "ImportOptions": "specprof.engine.base",
+    "WeightsImporter": "specprof.engine.base",
+    "WeightTensor": "specprof.engine.types",
     "Backend": "specprof.engine.base",
     "Analyzer": "specprof.engine.base",
     "AnalysisContext": "specprof.engine.base",
@@ -68,6 +70,8 @@ __all__ = [
     "SpectrumKind",
     "StoreError",
     "Support",
+    "WeightTensor",
+    "WeightsImporter",
     "dense_operator",
     "get_registry",
     "group_blocks",
@@ -91,6 +95,7 @@ if TYPE_CHECKING:
         Backend,
         Importer,
         ImportOptions,
+        WeightsImporter,
     )
     from specprof.engine.errors import (
         BackendError,
@@ -109,6 +114,7 @@ if TYPE_CHECKING:
         Spectrum,
         SpectrumKind,
         Support,
+        WeightTensor,
     )
     from specprof.plugins.analyzers.hypergraph import hypergraph
 
