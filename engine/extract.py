@@ -52,6 +52,11 @@ def _check_conv_attributes(weight: np.ndarray, kernel: tuple[int, ...],
                          f"dimension {channels}")
 
 
+def _text(value: str | bytes) -> str:
+    """A name as text: protobuf hands back bytes where a file holds invalid UTF-8."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 class _Skip(Exception):
     """Raised inside a layer builder: the node is skipped with this reason."""
 
@@ -763,9 +768,9 @@ def extract(model: onnx.ModelProto, *, fold_batchnorm: bool = False,
     for node in graph.node:
         if node.op_type not in _BUILDERS or node.domain not in _DEFAULT_DOMAINS:
             continue
-        name = node.name or node.output[0]
+        name = _text(node.name or node.output[0])
         try:
-            layer = _BUILDERS[node.op_type](node, ctx, name=name, node_name=node.name,
+            layer = _BUILDERS[node.op_type](node, ctx, name=name, node_name=_text(node.name),
                                             index=len(layers))
             if fold_batchnorm:
                 layer = _fold_batchnorm(layer, node, ctx)

@@ -163,3 +163,16 @@ def test_a_memory_database_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SPECPROF_ALLOW_MEMORY_DB", "1")
     with Store.open("sqlite://") as store:
         assert store.counts()["runs"] == 0
+
+
+def test_a_fifo_a_device_or_a_directory_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.onnx"
+    folder.mkdir()
+    for path, message in ((fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
+                          (folder, "is a directory")):
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(path)

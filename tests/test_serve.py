@@ -364,8 +364,10 @@ def _free_port() -> int:
 def server(stored: Stored) -> Iterator[str]:
     """uvicorn serving the store on a free loopback port, in a thread; its base URL."""
     port = _free_port()
+    # A long keep-alive: the test's client reuses pooled connections, and one the server
+    # closes just as a request goes out reads as "connection reset" (a client-side race).
     config = uvicorn.Config(create_app(stored.db), host="127.0.0.1", port=port,
-                            log_level="warning")
+                            log_level="warning", timeout_keep_alive=120)
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()

@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -363,41 +362,12 @@ def test_penalized_digits_cnn_meets_the_issue_criteria() -> None:
     torch.set_num_threads(1)
     try:
         _, plain = example.train(epochs=15)
-        penalized_model, penalized = example.train(lam=1e-3, epochs=15)
+        _, penalized = example.train(lam=1e-3, epochs=15)
         assert penalized.true_product <= 0.5 * plain.true_product
         assert penalized.accuracy >= plain.accuracy - 0.03
         assert penalized.true_product <= penalized.bound
-        ratio = step_cost_ratio(example, penalized_model)
-        assert ratio <= 2.0, ratio
+        # The step's cost against a plain step is a speed target: benchmarks/training_step.py.
     finally:
         torch.set_num_threads(threads)
 
 
-def step_cost_ratio(example: object, model: nn.Module, rounds: int = 100,
-                    batch: int = 128) -> float:
-    """The fastest penalized step's time over the fastest plain step's, interleaved: the
-    minimum is what the step costs when nothing else competes for the CPU.
-
-    The penalty costs the same at any batch size (~3 ms on one core for this network), a
-    plain step grows with it: at batch 128 the ratio measured 1.86, at batch 64 2.11 (one
-    thread, a busy 2-core machine), so the criterion is checked at 128."""
-    x_train, y_train, _, _ = example.digits_split()  # type: ignore[attr-defined]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    x, y = x_train[:batch], y_train[:batch]
-
-    def one(lam: float) -> float:
-        started = time.perf_counter()
-        loss = loss_fn(model(x), y)
-        if lam:
-            loss = loss + lam * lipschitz_bound(model, (1, 8, 8))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return time.perf_counter() - started
-
-    plain, penalized = [], []
-    for _ in range(rounds):
-        plain.append(one(0.0))
-        penalized.append(one(1e-3))
-    return float(np.min(penalized) / np.min(plain))

@@ -291,6 +291,9 @@ class Store:
         columns (``"sigma_max > 3 and stable_rank <= 10"``, see ``parse_where``); ``sort`` names
         a column to order by first, descending with a leading ``-`` (``"-sigma_max"``).
         """
+        if limit is not None and not 0 < limit < 2**63:
+            raise StoreError(f"--limit {limit} is out of range",
+                             "give a positive number of rows below 2^63")
         filters = query_filters(model, layer, backend, kind, run)
         filters += [comparison(column, op, number) for column, op, number in parse_where(where)]
         stmt = query_statement(values).where(*filters)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,16 @@ def check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        location = external_data_helper.ExternalDataInfo(tensor).location
+        try:  # onnx checks offset and length here, raising ValueError (and warns on odd keys)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                location = external_data_helper.ExternalDataInfo(tensor).location
+        except ValueError as error:
+            raise ModelLoadError(f"tensor '{tensor.name}' has invalid external-data fields "
+                                 f"({error})", "re-export the model with its data") from error
+        if "\x00" in location:
+            raise ModelLoadError(f"tensor '{tensor.name}' names an external data file with a "
+                                 "NUL character", "re-export the model with its data")
         if not location or os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("\\", "/")):
             raise ModelLoadError(
                 f"tensor '{tensor.name}' points to external data at '{location}', an absolute or "
