@@ -446,3 +446,25 @@ def test_pages_render_in_headless_chromium(stored: Stored, server: str, tmp_path
         page = dom(text)
         assert all(layer in page.cells[table_id] for layer in LAYERS), name
         assert page.svgs >= 1
+
+
+def test_a_checkpoint_run_is_plotted_by_block_and_role(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    import specprof
+
+    rng = np.random.default_rng(0)
+    tensors = {f"model.layers.{block}.self_attn.{proj}.weight":
+               rng.standard_normal((16, 16)).astype(np.float32)
+               for block in range(3) for proj in ("q_proj", "k_proj", "v_proj")}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    db = str(tmp_path / "ckpt.db")
+    run = int(specprof.profile(tmp_path / "model.safetensors", db=db).attrs["run_id"])
+    with Store.open(db) as store:
+        SpectralAnalyzer().analyze(AnalysisContext(store, {}), run)
+    with TestClient(create_app(db)) as test_client:
+        page = test_client.get(f"/runs/{run}")
+    assert page.status_code == 200
+    assert 'id="sigma-max-by-block"' in page.text and 'id="alpha-by-block"' in page.text
+    for role in ("q", "k", "v"):
+        assert f">{role}<" in page.text  # one line per role, labelled
