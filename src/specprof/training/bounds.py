@@ -274,7 +274,8 @@ def top_pair(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     values, vectors = torch.linalg.eigh(gram)
     sigma = values[-1].clamp(min=0).sqrt()
     top = vectors[:, -1]
-    scale = torch.where(sigma > 0, 1.0 / sigma, torch.zeros_like(sigma)).to(matrix.dtype)
+    value = float(sigma)  # the vectors carry no gradient: a Python scalar scales them
+    scale = 1.0 / value if value > 0 else 0.0
     if small_left:
         return top, (matrix.mH @ top) * scale, sigma
     return (matrix @ top) * scale, top, sigma
