@@ -305,13 +305,13 @@ def test_unsupported_modules_are_named() -> None:
 # ------------------------------------------------------------------------------ the monitor
 
 
-def test_three_monitor_steps_store_three_runs(tmp_path: Path) -> None:
+def test_three_monitor_steps_store_three_runs(tmp_path: Path, db_url: str) -> None:
     from click.testing import CliRunner
 
     from specprof.engine.cli import build_cli
     from specprof.engine.store import Store
 
-    db = str(tmp_path / "train.db")
+    db = db_url
     model = small_cnn()
     with SpectralMonitor(model, (1, 8, 8), db=db, every=2, name="tiny") as monitor:
         ids = []
@@ -332,6 +332,13 @@ def test_three_monitor_steps_store_three_runs(tmp_path: Path) -> None:
         assert [store.run_info(i)["config"]["step"] for i in ids] == [0, 2, 4]
         frame = store.query(run=ids[-1])
         assert list(frame["input_shape"]) == ["1x8x8", "4x4x4", "4"]
+    # the step is a run parameter that query shows, filters (--where) and sorts on
+    later = CliRunner().invoke(build_cli(), ["query", "--db", db, "--where", "step >= 2",
+                                             "--sort", "-step", "--format", "json"])
+    assert later.exit_code == 0, later.output
+    rows = json.loads(later.output)
+    assert [row["step"] for row in rows] == [4.0] * 3 + [2.0] * 3
+    assert {row["run"] for row in rows} == set(ids[1:])
 
 
 # ------------------------------------------------------------------------------ imports

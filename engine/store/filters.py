@@ -24,14 +24,17 @@ WHERE_COLUMNS = ("sigma_max", "sigma_min", "frobenius", "stable_rank", "upper_bo
                  "lower_bound", "n_values", "seconds")
 NAME_COLUMNS = ("block", "role")
 """Layer columns read from names: ``block`` compares with numbers, ``role`` with a quoted word."""
+RUN_PARAMETERS = ("step",)
+"""Numbers a run records in its configuration (``step``: the training step of a
+``specprof.training.SpectralMonitor`` run), filtered and sorted like columns."""
 SORT_COLUMNS = (*WHERE_COLUMNS, "run", "model", "layer", "layer_index", "backend", "kind",
-                "status", "spectrum_id", *NAME_COLUMNS)
+                "status", "spectrum_id", *NAME_COLUMNS, *RUN_PARAMETERS)
 
 QUERY_COLUMNS = (
     "spectrum_id", "run", "model", "layer", "layer_index", "block", "role", "op_type", "shape",
     "input_shape", "backend", "kind", "boundary", "status", "message", "n_values", "sigma_max",
     "sigma_min", "frobenius", "stable_rank", "upper_bound", "lower_bound", "exact", "complete",
-    "seconds", "device",
+    "seconds", "device", *RUN_PARAMETERS,
 )
 
 MAX_ROW_ID = 2**63 - 1
@@ -54,9 +57,9 @@ def _where_term(part: str) -> tuple[str, str, float | str]:
     found = match or word
     assert found is not None
     column, op = found.group(1).lower(), {"==": "=", "<>": "!="}.get(found.group(2), found.group(2))
-    if column not in (*WHERE_COLUMNS, *NAME_COLUMNS):
-        raise StoreError(f"--where cannot filter on {column!r}",
-                         f"use one of: {', '.join((*WHERE_COLUMNS, *NAME_COLUMNS))}")
+    allowed = (*WHERE_COLUMNS, *NAME_COLUMNS, *RUN_PARAMETERS)
+    if column not in allowed:
+        raise StoreError(f"--where cannot filter on {column!r}", f"use one of: {', '.join(allowed)}")
     if (word is not None) != (column in _STRING_COLUMNS):
         kind = "a quoted word, e.g. role = 'v'" if column in _STRING_COLUMNS else "a number"
         raise StoreError(f"--where compares {column!r} with {kind}", _WHERE_HINT)
@@ -77,9 +80,21 @@ def parse_where(text: str | None) -> list[tuple[str, str, float | str]]:
     return [_where_term(part) for part in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE)]
 
 
+def run_parameter(name: str) -> Any:
+    """A number from the run's configuration JSON as a SQL expression (NULL where absent):
+    JSON_EXTRACT on SQLite, ->> on PostgreSQL, through SQLAlchemy's JSON type."""
+    return RunRow.config[name].as_float()
+
+
 def comparison(column: str, op: str, value: float | str) -> ColumnElement[bool]:
     """One parsed ``--where`` term as a SQL condition on the spectra or layers table."""
-    field = getattr(LayerRow, column) if column in NAME_COLUMNS else getattr(SpectrumRow, column)
+    field: Any
+    if column in RUN_PARAMETERS:
+        field = run_parameter(column)
+    elif column in NAME_COLUMNS:
+        field = getattr(LayerRow, column)
+    else:
+        field = getattr(SpectrumRow, column)
     return {"<": field < value, "<=": field <= value, ">": field > value,
             ">=": field >= value, "=": field == value, "!=": field != value}[op]
 
@@ -94,7 +109,7 @@ def sort_order(sort: str | None) -> list[Any]:
                          "(prefix '-' for descending)")
     column = {"run": SpectrumRow.run_id, "model": ModelRow.name, "layer": LayerRow.name,
               "layer_index": LayerRow.index, "spectrum_id": SpectrumRow.id,
-              "block": LayerRow.block, "role": LayerRow.role}.get(
+              "block": LayerRow.block, "role": LayerRow.role, "step": run_parameter("step")}.get(
                   name, getattr(SpectrumRow, name, None))
     assert column is not None  # the name was checked against SORT_COLUMNS above
     ordered = column.desc() if sort.strip().startswith("-") else column.asc()
@@ -136,6 +151,7 @@ def query_statement(values: bool) -> Select[Any]:
         LayerRow.weight_shape, LayerRow.input_shape, s.backend, s.kind, s.boundary, s.status,
         s.message, s.n_values, s.sigma_max, s.sigma_min, s.frobenius, s.stable_rank,
         s.upper_bound, s.lower_bound, s.exact, s.complete, s.seconds, s.device,
+        *(run_parameter(name).label(name) for name in RUN_PARAMETERS),
     ]
     if values:
         columns += [s.values, s.multiplicities]
