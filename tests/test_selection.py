@@ -48,7 +48,7 @@ def _fake(name: str, exact: bool, seconds: float | None) -> Backend:
 def test_small_conv_zero_padding_is_exact_and_says_why() -> None:
     backend, reason = choose_backend(_conv(4, 8), Request(), "auto", get_registry())
     assert backend is not None and backend.name == "exact"
-    assert reason.startswith("cheapest exact (")
+    assert reason.startswith("cheapest exact, ")
 
 
 def test_large_conv_zero_padding_goes_to_the_certified_approximation() -> None:
@@ -58,11 +58,11 @@ def test_large_conv_zero_padding_goes_to_the_certified_approximation() -> None:
     assert registry.backend("exact").cost(layer, Request()) > EXACT_BUDGET_S
     backend, reason = choose_backend(layer, Request(), "auto", registry)
     assert backend is not None and backend.name == "toeplitz"
-    assert reason.startswith("approximate, certified bounds (exact ~")
+    assert reason.startswith("certified approx.; exact ~")
     huge = _conv(64, 56)  # too large for a dense matrix at all
     backend, reason = choose_backend(huge, Request(), "auto", registry)
     assert backend is not None and backend.name == "toeplitz"
-    assert reason == "approximate, certified bounds (no exact backend takes this layer)"
+    assert reason == "certified approx.; no exact fits"
 
 
 def test_circular_padding_goes_to_the_circulant_backend() -> None:
@@ -83,7 +83,7 @@ def test_the_cheapest_exact_backend_wins_whoever_registered_it() -> None:
     layer = _conv(4, 8)
     backends = {"slow": _fake("slow", True, 1.0), "fast": _fake("fast", True, 0.001),
                 "approx": _fake("approx", False, 0.0)}
-    assert select_backend(layer, Request(), backends) == ("fast", "cheapest exact (<0.01 s)")
+    assert select_backend(layer, Request(), backends) == ("fast", "cheapest exact, <0.01s")
 
 
 def test_ties_go_to_the_backend_registered_first() -> None:

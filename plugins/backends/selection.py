@@ -35,7 +35,7 @@ preferred; ``--backend exact`` forces the exact one, ``--top-k K`` asks for exac
 
 
 def _seconds(estimate: float) -> str:
-    return f"~{estimate:.2g} s" if estimate >= 0.01 else "<0.01 s"
+    return f"~{estimate:.2g}s" if estimate >= 0.01 else "<0.01s"  # one word: tables wrap
 
 
 def _estimate(backend: Any, layer: Layer, request: Request) -> float | None:
@@ -68,14 +68,13 @@ def select_backend(layer: Layer, request: Request,
         estimate = costs[name]
         assert estimate is not None
         if request.top_k is not None:
-            return name, f"top-{request.top_k}: cheapest exact ({_seconds(estimate)})"
+            return name, f"top-{request.top_k}: cheapest exact, {_seconds(estimate)}"
         if estimate <= EXACT_BUDGET_S or not approximate:
-            return name, f"cheapest exact ({_seconds(estimate)})"
+            return name, f"cheapest exact, {_seconds(estimate)}"
     if approximate:
         name = approximate[0]
-        slowest = (f"exact {_seconds(costs[exact[0]] or 0.0)}" if exact
-                   else "no exact backend takes this layer")
-        return name, f"approximate, certified bounds ({slowest})"
+        slowest = f"exact {_seconds(costs[exact[0]] or 0.0)}" if exact else "no exact fits"
+        return name, f"certified approx.; {slowest}"
     first = order[0]
     return first, supporting[first].supports(layer, request).reason or "no cost estimates"
 
