@@ -15,7 +15,6 @@ import pandas as pd
 
 from specprof.engine.errors import BackendError
 from specprof.engine.loading import load_model as _load_model
-from specprof.engine.loading import parse_input_shape
 from specprof.engine.plugins import Registry, get_registry
 from specprof.engine.profile import (
     AUTO,
@@ -41,14 +40,6 @@ def _names(names: str | Sequence[str]) -> tuple[str, ...]:
     return split_names(names) if isinstance(names, str) else tuple(names)
 
 
-def _shape(input_shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    if input_shape is None or isinstance(input_shape, tuple):
-        return input_shape
-    if isinstance(input_shape, str):
-        return parse_input_shape(input_shape)
-    return tuple(int(n) for n in input_shape)
-
-
 def load_model(source: str | os.PathLike[str] | Any, *, format: str | None = None,
                input_shape: str | Sequence[int] | None = None, model_class: str | None = None,
                name: str | None = None, registry: Registry | None = None,
@@ -60,7 +51,7 @@ def load_model(source: str | os.PathLike[str] | Any, *, format: str | None = Non
     """
     if isinstance(source, LoadedModel):
         return source
-    return _load_model(source, format=format, input_shape=_shape(input_shape),
+    return _load_model(source, format=format, input_shape=input_shape,
                        model_class=model_class, registry=registry or get_registry(),
                        name=name, fold_batchnorm=fold_batchnorm,
                        skip_unsupported=skip_unsupported)

@@ -55,7 +55,7 @@ def resolve_run(store: Store, registry: Registry, model: str | None, run: int | 
     A file is matched to the stored runs of the same content; when none has spectra of
     ``kind``, the model is profiled now (the filter backend for filter spectra, else auto).
     """
-    from specprof.engine.loading import load_model, parse_input_shape
+    from specprof.engine.loading import load_model
     from specprof.engine.profile import ProfileConfig, profile_model
 
     if (model is None) == (run is None):
@@ -65,8 +65,7 @@ def resolve_run(store: Store, registry: Registry, model: str | None, run: int | 
     assert model is not None
     if not os.path.exists(model):
         return store.find_run(model=model, kind=kind), None
-    shape = parse_input_shape(input_shape) if input_shape else None
-    loaded = load_model(model, input_shape=shape, registry=registry)
+    loaded = load_model(model, input_shape=input_shape, registry=registry)
     model_id, _ = store.add_model(loaded)
     found = _stored_run(store, model_id, kind)
     if found is not None:

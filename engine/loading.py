@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,15 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
         raise InputShapeError(f"input shape '{text}' is not a list of positive integers",
                               "write it as C,H,W, e.g. --input-shape 3,32,32 (or FEATURES)")
     return tuple(int(part) for part in parts)
+
+
+def as_input_shape(input_shape: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """An input shape as given by a user or caller ('3,32,32', a list, a tuple) as a tuple."""
+    if input_shape is None or isinstance(input_shape, tuple):
+        return input_shape
+    if isinstance(input_shape, str):
+        return parse_input_shape(input_shape)
+    return tuple(int(n) for n in input_shape)
 
 
 def _registry(registry: Registry | None) -> Registry:
@@ -206,7 +215,7 @@ def load_model(
     source: str | os.PathLike[str] | Any,
     *,
     format: str | None = None,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: str | Sequence[int] | None = None,
     model_class: str | None = None,
     registry: Registry | None = None,
     name: str | None = None,
@@ -224,6 +233,7 @@ def load_model(
     """
     registry = _registry(registry)
     model_path: Path | None = None
+    input_shape = as_input_shape(input_shape)
     options = ImportOptions(input_shape=input_shape, model_class=model_class,
                             skip_unsupported=skip_unsupported)
     if isinstance(source, str | os.PathLike):

@@ -475,7 +475,7 @@ def run_hypergraph(model: Any, data: Any, *, db: str | None = None,
                    registry: Any = None, on_batch: Callable[[int], None] | None = None
                    ) -> HypergraphResult:
     """``hypergraph`` with everything it produced (run id, incidences for export)."""
-    from specprof.engine.loading import load_model, parse_input_shape
+    from specprof.engine.loading import load_model
     from specprof.engine.plugins import get_registry
     from specprof.engine.store import Store
 
@@ -484,10 +484,8 @@ def run_hypergraph(model: Any, data: Any, *, db: str | None = None,
                                 input_edges=input_edges)
     options.check()
     registry = registry or get_registry()
-    if isinstance(input_shape, str):
-        input_shape = parse_input_shape(input_shape)
     loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, input_shape=None if input_shape is None else tuple(input_shape), registry=registry)
+        model, input_shape=input_shape, registry=registry)
     chosen = select_layers(loaded.layers, layers)
     if isinstance(data, str | os.PathLike):
         # Check a data file before anything is computed or stored for it.
@@ -580,12 +578,7 @@ class HypergraphAnalyzer(Analyzer):
                                   "give MODEL as a file and -O data=PATH")
         loaded = options["model"]
         if not isinstance(loaded, LoadedModel):
-            shape = options.get("input_shape")
-            if isinstance(shape, str):
-                from specprof.engine.loading import parse_input_shape
-
-                shape = parse_input_shape(shape)
-            loaded = context.load(loaded, input_shape=shape)
+            loaded = context.load(loaded, input_shape=options.get("input_shape"))
         fields = {k: options[k] for k in ("threshold", "aggregate", "class_fraction", "weight",
                                           "input_edges") if k in options}
         with context.track(None, f"running {loaded.name}") as tick:
