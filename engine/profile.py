@@ -94,9 +94,14 @@ def validate_backends(names: tuple[str, ...], registry: Registry,
     """Fail before anything is stored when a named backend is unknown or unavailable."""
     if not names:
         raise SpecprofError("no backend given", "use --backend auto or a name from 'specprof backends'")
-    for name in (*names, *prefer):
+    for name in names:
         if name != AUTO:
             registry.backend(name)
+    for name in prefer:  # names only: 'auto' is what --prefer orders, not a backend
+        if name not in registry.backends:
+            raise SpecprofError(f"unknown backend '{name}' in --prefer",
+                                f"choose from: {', '.join(sorted(registry.backends))}")
+        registry.backend(name)
 
 
 def choose_backend(layer: Layer, request: Request, name: str,
