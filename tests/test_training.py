@@ -19,6 +19,8 @@ nn = torch.nn
 from specprof.engine.errors import SpecprofError  # noqa: E402
 from specprof.engine.operator import dense_operator  # noqa: E402
 from specprof.training import (  # noqa: E402
+    LipschitzBound,
+    OperatorNormBound,
     SpectralMonitor,
     clip_operator_norm_,
     lipschitz_bound,
@@ -26,6 +28,7 @@ from specprof.training import (  # noqa: E402
     module_layer,
     operator_norm_bound,
 )
+from specprof.training.bounds import certified_top, conjugate_representatives  # noqa: E402
 from tests.oracle import conv_matrix, conv_transpose_matrix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +131,8 @@ def test_bound_matches_the_independent_oracle() -> None:
     assert np.linalg.norm(matrix, 2) <= bound <= 1.3 * np.linalg.norm(matrix, 2)
 
 
-def test_bound_on_a_grid_past_the_batch_limit_is_certified() -> None:
-    """Over ``DECOMPOSE_ALL_BELOW`` symbols the maximum is certified by Cholesky factors."""
+def test_bound_on_a_large_grid_is_certified() -> None:
+    """Hundreds of symbols, the maximum certified by Cholesky factors."""
     torch.manual_seed(2)
     for module, shape in ((nn.Conv2d(3, 4, 3, padding=1), (3, 24, 24)),
                           (nn.Conv2d(2, 3, 5, stride=2, padding=2), (2, 40, 40))):
@@ -137,6 +140,53 @@ def test_bound_on_a_grid_past_the_batch_limit_is_certified() -> None:
         bound = operator_norm_bound(module, shape).item()
         true = true_norm(module, shape, near=bound)
         assert true <= bound <= 1.05 * true
+
+
+def test_certified_top_finds_the_maximum_from_any_start() -> None:
+    """A wrong first guess (an earlier step's maximum) is caught by the Cholesky certificates:
+    the bound still covers every matrix, within rounding of the true maximum."""
+    rng = np.random.default_rng(5)
+    for rows, cols in ((3, 5), (6, 4), (1, 7), (7, 1)):
+        matrices = rng.standard_normal((40, rows, cols)) + 1j * rng.standard_normal(
+            (40, rows, cols))
+        norms = np.linalg.norm(matrices, 2, axis=(1, 2))  # numpy's SVD: the oracle
+        stack = torch.from_numpy(matrices.reshape(2, 20, rows, cols))
+        for start in (None, int(np.argmin(norms)), 3):
+            bound, index, vector = certified_top(stack, start)
+            assert norms.max() <= bound <= norms.max() * (1 + 1e-12)
+            assert norms[index] == pytest.approx(norms.max(), rel=1e-12)
+            gram = matrices[index] @ matrices[index].conj().T if rows <= cols else (
+                matrices[index].conj().T @ matrices[index])
+            assert np.linalg.norm(gram @ vector.numpy()) == pytest.approx(norms.max() ** 2)
+
+
+def test_conjugate_representatives_cover_the_grid_once() -> None:
+    for grid in ((10, 10), (6, 6), (7,), (8,), (5, 4), (3, 4, 6), (2, 3, 5), (1, 1)):
+        half = (*grid[:-1], grid[-1] // 2 + 1)
+        kept = np.array(np.unravel_index(conjugate_representatives(grid), half)).T
+        kept_set = {tuple(f) for f in kept}
+        conjugates = {tuple(-f % np.array(grid)) for f in kept}
+        assert kept_set | conjugates == set(np.ndindex(*grid))  # every frequency or its pair
+        assert all(c == f or c not in kept_set  # no pair kept twice
+                   for f, c in zip(map(tuple, kept), (tuple(-f % np.array(grid)) for f in kept),
+                                   strict=True))
+
+
+def test_a_bound_object_stays_certified_while_the_weight_moves() -> None:
+    """``OperatorNormBound`` starts from the last maximizing symbol: after each random step of
+    the weight (which moves the maximum), the bound is still above the dense norm."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+    bound_of = OperatorNormBound(conv, (3, 7, 7))
+    tops = set()
+    for _ in range(12):
+        with torch.no_grad():
+            conv.weight.add_(0.3 * torch.randn_like(conv.weight))
+        bound = bound_of().item()
+        tops.add(bound_of.last_top)
+        true = true_norm(conv, (3, 7, 7), near=bound)
+        assert true <= bound <= 1.3 * true
+    assert len(tops) > 1  # the maximum moved: the start was wrong at least once
 
 
 def test_linear_bound_is_its_spectral_norm() -> None:
@@ -259,6 +309,48 @@ def test_lipschitz_bound_is_above_the_product_of_true_norms() -> None:
     assert float(ratio) <= float(bound)
 
 
+def test_lipschitz_bound_object_matches_the_function_and_its_gradient() -> None:
+    """``LipschitzBound`` (built once, called every step) gives ``lipschitz_bound``'s value,
+    a gradient that matches central differences (float64), and follows a replaced module."""
+    model = small_cnn()
+    penalty = LipschitzBound(model, (1, 8, 8))
+    value = penalty()
+    assert value.item() == pytest.approx(lipschitz_bound(model, (1, 8, 8)).item(), rel=1e-12)
+    value.backward()
+    weight = model[3][0].weight
+    analytic = weight.grad.clone()
+    with torch.no_grad():
+        for index in ((0, 0, 0, 0), (1, 2, 1, 2), (3, 1, 2, 0)):
+            original = float(weight[index])
+            weight[index] = original + 1e-6
+            up = penalty().item()
+            weight[index] = original - 1e-6
+            down = penalty().item()
+            weight[index] = original
+            assert (up - down) / 2e-6 == pytest.approx(float(analytic[index]), rel=1e-5)
+    model[0] = nn.Conv2d(1, 4, 3, padding=1).double()
+    with torch.no_grad():
+        model[0].weight.mul_(10.0)
+    true = true_norm(model[0], (1, 8, 8))
+    rest = lipschitz_bound(nn.Sequential(*list(model)[1:]), (4, 8, 8)).item()
+    assert penalty().item() >= true * rest
+    assert penalty().item() == pytest.approx(lipschitz_bound(model, (1, 8, 8)).item(),
+                                             rel=1e-12)
+
+
+def test_a_module_used_twice_counts_twice() -> None:
+    linear = nn.Linear(4, 4).double()
+    with torch.no_grad():
+        linear.weight.copy_(2.0 * torch.eye(4, dtype=torch.float64))
+    model = nn.Sequential(linear, nn.ReLU(), nn.Sequential(linear))
+    assert [name for name, _ in lipschitz_factors(model, (4,))] == ["0", "1", "2.0"]
+    bound = LipschitzBound(model, (4,))
+    assert 4.0 <= bound().item() <= 4.0 * (1 + 1e-12)  # x -> 2 relu(2x) + b: Lipschitz 4
+    bound().backward()
+    # each use contributes 2 u u^T (u a unit top vector of 2 I): a trace of 2 + 2
+    assert float(linear.weight.grad.trace()) == pytest.approx(4.0)
+
+
 @pytest.mark.parametrize(("pool", "shape"), [
     (nn.AvgPool2d(3, stride=1, padding=1), (1, 5, 5)),
     (nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (1, 6, 6)),
@@ -378,3 +470,23 @@ def test_penalized_digits_cnn_meets_the_issue_criteria() -> None:
         torch.set_num_threads(threads)
 
 
+
+
+def test_one_call_bound_reuses_its_plans_and_sees_a_replaced_layer() -> None:
+    """lipschitz_bound keeps its LipschitzBound on the model; a replaced module is noticed."""
+    from specprof.training.chain import CACHE_ATTRIBUTE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    first = lipschitz_bound(model, (6,))
+    kept = getattr(model, CACHE_ATTRIBUTE)[(6,)]
+    assert lipschitz_bound(model, (6,)).item() == pytest.approx(first.item(), rel=1e-12)
+    assert getattr(model, CACHE_ATTRIBUTE)[(6,)] is kept
+    model[2] = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        model[2].weight.copy_(10 * torch.eye(3, 5, dtype=torch.float64))
+    oracle = (torch.linalg.matrix_norm(model[0].weight, ord=2)
+              * torch.linalg.matrix_norm(model[2].weight, ord=2)).item()
+    assert lipschitz_bound(model, (6,)).item() >= oracle
+    assert lipschitz_bound(model, (6,)).item() <= 1.01 * oracle
+    assert "_specprof" not in "".join(model.state_dict())

@@ -16,11 +16,12 @@ if importlib.util.find_spec("torch") is None:
     raise MissingExtraError("specprof.training", "torch")
 
 from specprof.training.bounds import (
+    OperatorNormBound,
     clip_operator_norm_,
     module_layer,
     operator_norm_bound,
 )
-from specprof.training.chain import lipschitz_bound, lipschitz_factors
+from specprof.training.chain import LipschitzBound, lipschitz_bound, lipschitz_factors
 from specprof.training.monitor import (
     SpectralMonitor,
     TrainingProfileConfig,
@@ -28,6 +29,8 @@ from specprof.training.monitor import (
 )
 
 __all__ = [
+    "LipschitzBound",
+    "OperatorNormBound",
     "SpectralMonitor",
     "TrainingProfileConfig",
     "clip_operator_norm_",
