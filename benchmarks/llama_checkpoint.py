@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import struct
 import subprocess
 import sys
@@ -95,13 +94,13 @@ def write_checkpoint(folder: Path, shapes: dict[str, tuple[int, ...]], shard_byt
 
 
 _CHILD = """
-import sys, time
+import resource, sys, time
 from specprof.engine import api
 start = time.perf_counter()
 frame = api.profile(sys.argv[1], db=sys.argv[2], precision="float32")
 seconds = time.perf_counter() - start
 assert (frame["status"] == "ok").all(), frame[frame["status"] != "ok"]
-print(seconds, len(frame))
+print(seconds, len(frame), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -142,8 +141,10 @@ def main() -> None:
                                capture_output=True, text=True, check=False)
         if child.returncode != 0:
             sys.exit(f"specprof failed:\n{child.stderr}")
-        seconds, n_layers = child.stdout.split()
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        # The child's own peak (RUSAGE_CHILDREN would also count pages it shared with this
+        # process between fork and exec, e.g. the checkpoint just written).
+        seconds, n_layers, peak_kib = child.stdout.split()
+        peak_mib = int(peak_kib) / 1024
         floor = floor_seconds(folder)
     specprof_s = float(seconds)
     float32_mib = params * 4 / 2**20

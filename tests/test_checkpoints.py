@@ -432,3 +432,30 @@ def test_export_of_a_checkpoint_run_keeps_block_and_role(tmp_path: Path) -> None
         copy = store.import_run(document)
         frame = store.query(run=copy, where="role = 'k'")
     assert frame["layer"].tolist() == ["model.layers.0.self_attn.k_proj.weight"]
+
+
+def test_report_groups_a_checkpoint_by_block_and_role(tmp_path: Path) -> None:
+    from specprof.engine.store import Store
+    from specprof.plugins.analyzers.report import build_report
+
+    path = tmp_path / "model.safetensors"
+    tensors = llama_tensors(blocks=3, hidden=32, ffn=64)
+    safetensors_torch.save_file(tensors, path)
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    run = api.profile(path, db=db).attrs["run_id"]
+    cnn = api.profile(Path(__file__).parent.parent / "examples" / "small_cnn.onnx",
+                      db=db).attrs["run_id"]
+    with Store.open(db) as store:
+        html = build_report(store, run)
+        plain = build_report(store, cnn)
+    section = html[html.index("By transformer block and role"):]
+    roles = section[:section.index("</table>")]
+    for role in ("q", "k", "v", "o", "gate", "up", "down", "embedding", "head"):
+        assert f'<td class="text">{role}</td>' in roles
+    expected = max(svdvals(tensors[f"model.layers.{b}.self_attn.q_proj.weight"].float().numpy())[0]
+                   for b in range(3))
+    q_row = roles[roles.index('<td class="text">q</td>'):].split("</tr>")[0]
+    shown = float(q_row.split("<td")[-1].split(">")[1].split("<")[0])  # the last cell
+    assert shown == pytest.approx(expected, rel=1e-4)  # max sigma_max of q over the blocks
+    assert 'id="sigma-max-by-block"' in section
+    assert "By transformer block and role" not in plain

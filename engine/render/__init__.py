@@ -7,6 +7,7 @@ database or a user is escaped here, once, so neither face has to remember to.
 
 from __future__ import annotations
 
+from specprof.engine.render.charts import block_charts, depth_chart
 from specprof.engine.render.html import (
     SORT_JS,
     STYLE,
@@ -30,8 +31,10 @@ __all__ = [
     "STYLE",
     "Link",
     "Series",
+    "block_charts",
     "cell_text",
     "definitions",
+    "depth_chart",
     "escape",
     "esd_chart",
     "line_chart",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specprof.engine.errors import SpecprofError
-from specprof.engine.render import definitions, escape, page, table
+from specprof.engine.render import block_charts, definitions, escape, page, table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,7 +27,8 @@ MAX_ESD_PLOTS = 24
 """ESD histograms drawn at most (the first layers by position), to keep the file small."""
 
 TABLE_COLUMNS = ["layer", "description", "kind", "backend", "n_values", "alpha", "alpha_hat",
-                 "pl_ks", "n_spikes", "mp_ks", "stable_rank", "spectral_norm", "layer_bound",
+                 "pl_ks", "n_spikes", "mp_ks", "stable_rank", "spectral_norm",
+                 "spectral_norm_bracket", "layer_bound",
                  "lipschitz_bound", "rand_alpha", "rand_n_spikes", "notes"]
 HYPERGRAPH_SKIP = {"analysis_id", "run", "model", "analyzer", "params", "created_at"}
 
@@ -66,6 +67,31 @@ def spectral_rows(store: Store, run_id: int, kind: str | None) -> pd.DataFrame:
         analyzer.analyze(AnalysisContext(store=store, options={"kind": kind}), run_id)
         frame = stored()
     return frame.sort_values("layer_index").reset_index(drop=True)
+
+
+def bracket_text(sigma: float, lower: float, upper: float) -> str:
+    """``[lower, upper] ±x%``: the certified bracket of a sigma_max and how far ``sigma`` can
+    be from the truth inside it, relative to it (the larger distance to either end); '' when
+    the backend gave no bracket."""
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (sigma, lower, upper)) \
+            or sigma <= 0:
+        return ""
+    error = max(upper - sigma, sigma - lower) / sigma
+    percent = "<0.01%" if error < 1e-4 else f"{100 * error:.2g}%"
+    return f"[{lower:.4g}, {upper:.4g}] ±{percent}"
+
+
+def with_brackets(rows: pd.DataFrame, spectra: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` (one per stored spectrum, by ``spectrum_id``) with ``spectral_norm_bracket``
+    from the stored spectra's certified bounds (``bracket_text``)."""
+    if "spectrum_id" not in rows or spectra.empty:
+        return rows.assign(spectral_norm_bracket="")
+    by_id = {int(record["spectrum_id"]): bracket_text(record["sigma_max"], record["lower_bound"],
+                                                      record["upper_bound"])
+             for record in spectra.to_dict("records")}
+    texts = [by_id.get(int(s), "") if s == s and s is not None else ""
+             for s in rows["spectrum_id"]]
+    return rows.assign(spectral_norm_bracket=texts)
 
 
 def _esd_section(store: Store, run_id: int, rows: pd.DataFrame) -> str:
@@ -112,6 +138,29 @@ def _plots_section(store: Store, run_id: int, model: str, kind: str) -> str:
     return f'<div class="plots" id="plots">{"".join(images)}</div>'
 
 
+def _blocks_section(store: Store, run_id: int, rows: pd.DataFrame) -> str:
+    """For checkpoint runs (layers with a transformer ``block`` and ``role``): one line per
+    role of layers, median alpha and sigma_max, and both by block, one line per role; '' for
+    other runs."""
+    layers = store.query(run=run_id)
+    ok = layers[layers["status"] == "ok"] if "status" in layers else layers
+    charts = block_charts(ok, rows, run_id)
+    if not charts:
+        return ""
+    by_index = ok.drop_duplicates("layer_index").set_index("layer_index")
+    merged = rows.assign(role=rows["layer_index"].map(by_index["role"]),
+                         block=rows["layer_index"].map(by_index["block"]),
+                         sigma_max=rows["layer_index"].map(by_index["sigma_max"]))
+    summary = (merged.groupby(merged["role"].fillna("other"))
+               .agg(layers=("layer_index", "size"), blocks=("block", "nunique"),
+                    median_alpha=("alpha", "median"), median_sigma_max=("sigma_max", "median"),
+                    max_sigma_max=("sigma_max", "max"))
+               .reset_index())
+    columns = ["role", "layers", "blocks", "median_alpha", "median_sigma_max", "max_sigma_max"]
+    return (f"<h2>By transformer block and role</h2>{html_table(summary, columns, 'roles-table')}"
+            f'<div class="plots" id="block-plots">{"".join(charts)}</div>')
+
+
 def _hypergraph_section(store: Store, run_id: int) -> str:
     metrics = store.analyses(run=run_id, analyzer="hypergraph")
     graphs = store.hypergraphs(run=run_id)
@@ -137,6 +186,7 @@ def build_report(store: Store, run_id: int, kind: str | None = None) -> str:
         raise SpecprofError(f"run {run_id} has no spectral analysis of {kind} spectra",
                             "run: specprof analyze --run ID --spectrum KIND")
     chosen = str(rows["kind"].iloc[0])
+    rows = with_brackets(rows, store.query(run=run_id))
     layer_rows = store.layers(info["model_id"])
     n_weights = int(sum(math.prod(shape) for shape in layer_rows["weight_shape"]))
     bound = (rows["lipschitz_bound"].iloc[-1]
@@ -161,7 +211,12 @@ assumes a plain chain of these layers with 1-Lipschitz activations (ReLU) and ig
 connections and normalization layers. {escape(baseline)}.</p>
 <h2>Layers ({len(rows)}, {escape(chosen)} spectra)</h2>
 {html_table(rows, TABLE_COLUMNS, "layers-table")}
+<p class="note">spectral_norm_bracket: the backend's certified bounds on sigma_max and how far
+the reported value can be from the true one inside them (empty where the backend computed it
+exactly or gave no bounds). Where a toeplitz approximation's bracket is too wide for you,
+profile again with --backend exact.</p>
 <h2>Plots</h2>{_plots_section(store, run_id, info["model"], chosen)}
+{_blocks_section(store, run_id, rows)}
 <h2>Empirical spectral densities</h2>{_esd_section(store, run_id, rows)}
 <h2>Hypergraph class separation</h2>{_hypergraph_section(store, run_id)}
 <h2>Run parameters</h2><pre>{escape(json.dumps(info["config"], indent=2, default=str))}</pre>
