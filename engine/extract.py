@@ -14,6 +14,7 @@ each tensor read from disk the first time a layer needs it, and never again.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -486,6 +487,8 @@ def _gemm_layer(node: onnx.NodeProto, ctx: _Context, **common: Any) -> Layer:
     a, b = ctx.constant(node.input[0]), ctx.constant(node.input[1])
     attrs = _attributes(node)
     alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise ValueError(f"Gemm alpha {alpha} / beta {beta} must be finite numbers")
     if a is None and b is None:
         raise _Skip("both operands are activations (not a layer with weights)")
     if a is not None and b is not None:

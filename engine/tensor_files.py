@@ -18,10 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from specprof.engine.errors import ModelLoadError
+from specprof.engine.errors import ModelLoadError, printable
 from specprof.engine.types import WeightTensor
 
 FLOATING = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+            "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+"""Bytes per element of each safetensors dtype."""
 _MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -51,9 +54,29 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     header.pop("__metadata__", None)
     for name, entry in header.items():
         if not _valid_entry(entry):
-            raise ModelLoadError(f"{path}: the header entry of tensor {name!r} is malformed",
-                                 "check that the file is a complete safetensors file")
+            raise ModelLoadError(f"{path}: the header entry of tensor {printable(repr(name))} is "
+                                 "malformed", "check that the file is a complete safetensors file")
     return header, 8 + length
+
+
+def _check_extent(path: Path, name: str, entry: dict[str, Any], data_size: int) -> None:
+    """Refuse a header that lies: a tensor whose bytes do not match its dtype and shape, or lie
+    past the end of the file (checked when the tensor is read, before anything is allocated)."""
+    shown = printable(repr(name))
+    itemsize = ITEMSIZE.get(entry["dtype"])
+    if itemsize is None:
+        raise ModelLoadError(f"{path}: tensor {shown} has the unknown dtype "
+                             f"{printable(repr(entry['dtype']))}",
+                             f"safetensors dtypes are {', '.join(sorted(ITEMSIZE))}")
+    begin, end = entry["data_offsets"]
+    expected = math.prod(entry["shape"]) * itemsize
+    if end - begin != expected:
+        raise ModelLoadError(f"{path}: tensor {shown} declares {end - begin} bytes, but its "
+                             f"shape {entry['shape']} of {entry['dtype']} needs {expected}",
+                             "the header lies about the tensor's size: the file is damaged")
+    if end > data_size:
+        raise ModelLoadError(f"{path}: tensor {shown} ends at byte {end} of the data, past the "
+                             f"file's {max(data_size, 0)} bytes", "check that the file is complete")
 
 
 def _valid_entry(entry: Any) -> bool:
@@ -78,6 +101,7 @@ def read_safetensor(path: Path, name: str) -> np.ndarray:
     """One tensor of ``path``: floating ones as float32, others as stored."""
     header, data_start = safetensors_header(path)
     entry = header[name]
+    _check_extent(path, name, entry, path.stat().st_size - data_start)
     dtype, shape = entry["dtype"], tuple(entry["shape"])
     if dtype == "BF16":
         begin, end = entry["data_offsets"]

@@ -28,6 +28,9 @@ def quiet_tensorflow() -> Iterator[None]:
     ``TF_CPP_MIN_LOG_LEVEL`` only takes effect if set before tensorflow is first imported,
     so it is set (when the user has not set it) for the duration of the call.
     """
+    if os.environ.get("SPECPROF_VERBOSE") == "1":  # --verbose (engine/logs.py): show it all
+        yield
+        return
     previous = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     if previous is None:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"

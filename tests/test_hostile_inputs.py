@@ -4,8 +4,10 @@ line naming the problem; names with markup or terminal escapes never break or st
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,4 +177,151 @@ def test_a_fifo_a_device_or_a_directory_is_refused_without_blocking(tmp_path: Pa
     for path, message in ((fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
                           (folder, "is a directory")):
         with pytest.raises(ModelLoadError, match=message):
+            load_model(path)
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(zipfile.ZipInfo(name), content)
+    return path
+
+
+def _declare_size(path: Path, size: int) -> Path:
+    """Patch the central directory so that every member declares ``size`` bytes (a bomb that
+    costs nothing to build)."""
+    data = bytearray(path.read_bytes())
+    start = 0
+    while (start := data.find(b"PK\x01\x02", start)) >= 0:
+        data[start + 24:start + 28] = size.to_bytes(4, "little")
+        start += 4
+    path.write_bytes(bytes(data))
+    return path
+
+
+_TORCH = {"archive/data.pkl": b"\x80\x02}q\x00.", "archive/version": b"3\n"}
+_TORCHSCRIPT = {"m/constants.pkl": b"\x80\x02).", "m/code/m.py": b"", "m/data.pkl": b"."}
+_EXPORTED = {"p/archive_format": b"pt2", "p/models/model.json": b"{}"}
+
+
+@pytest.mark.parametrize(("suffix", "members", "message"), [
+    (".pt", {**_TORCH, "archive/../../evil.py": b"x"}, "climbs out of the archive"),
+    (".pt", {**_TORCH, "/etc/evil": b"x"}, "an absolute path"),
+    (".pth", {**_TORCH, "other/data.pkl": b"x"}, "which a PyTorch archive never has"),
+    (".ts", {**_TORCHSCRIPT, "m/..\\..\\evil": b"x"}, "a backslash"),
+    (".pt2", {**_EXPORTED, "p/../evil.json": b"x"}, "climbs out of the archive"),
+    (".pt2", {**_EXPORTED, "p/data/weights": b"\x00" * 4000}, "zip bomb"),
+    (".keras", {"config.json": b"{}", "model.weights.h5": b"", "../evil.py": b"x"},
+     "climbs out of the archive"),
+    (".keras", {"config.json": b"{}", "model.weights.h5": b"", "custom_code.py": b"x"},
+     "which a Keras archive never has"),
+    (".keras", {"config.json": b"{}", "model.weights.h5": b"\x00" * 4000}, "zip bomb"),
+])
+def test_hostile_zip_archives_are_refused_before_any_loader(
+        tmp_path: Path, suffix: str, members: dict[str, bytes], message: str) -> None:
+    """Traversal names, foreign members and bombs in torch and Keras zips: one line, from the
+    central directory alone (a loader that trusts the archive never sees it)."""
+    path = _zip(tmp_path / f"model{suffix}", members)
+    if message == "zip bomb":
+        _declare_size(path, 2**32 - 1)
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(path, input_shape="1,4,4")
+    assert message in caught.value.one_line()
+    assert "\n" not in caught.value.one_line()
+
+
+def test_archive_member_count_and_duplicates_are_limited(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from specprof.engine import archives
+
+    path = _zip(tmp_path / "model.pt", _TORCH)
+    assert archives.check_zip(path, "PyTorch archive").names == tuple(_TORCH)
+    monkeypatch.setattr(archives, "MAX_MEMBERS", 1)
+    with pytest.raises(ModelLoadError, match="has 2 members, more than any PyTorch archive"):
+        archives.check_zip(path, "PyTorch archive")
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate it writes
+        twice = _zip(tmp_path / "twice.pt", _TORCH)
+        import zipfile
+
+        with zipfile.ZipFile(twice, "a") as archive:
+            archive.writestr("archive/version", b"4\n")
+    with pytest.raises(ModelLoadError, match="twice"):
+        archives.check_zip(twice, "PyTorch archive")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(ModelLoadError, match="not a readable PyTorch archive"):
+        archives.check_zip(truncated, "PyTorch archive")
+
+
+def test_third_party_logs_are_hidden_unless_verbose(tmp_path: Path) -> None:
+    """A library's log line or Python warning never reaches the user's stderr by default;
+    ``specprof --verbose`` shows them (run in a child: logging is process state)."""
+    script = (
+        "import logging, sys, warnings\n"
+        "from specprof.engine.logs import route_third_party_logs\n"
+        "route_third_party_logs(sys.argv[1] == 'verbose')\n"
+        "for name in ('tensorflow', 'absl', 'onnxruntime', 'jax'):\n"
+        "    logging.getLogger(name).warning('noise from %s', name)\n"
+        "warnings.warn('a library warning')\n"
+    )
+    quiet = subprocess.run([sys.executable, "-c", script, "quiet"], capture_output=True,
+                           text=True, check=True)
+    assert quiet.stderr == ""
+    loud = subprocess.run([sys.executable, "-c", script, "verbose"], capture_output=True,
+                          text=True, check=True)
+    for name in ("tensorflow", "absl", "onnxruntime", "jax"):
+        assert f"noise from {name}" in loud.stderr
+    assert "a library warning" in loud.stderr
+
+
+def test_a_random_keras_file_is_one_line_on_stderr(tmp_path: Path) -> None:
+    path = tmp_path / "random.keras"
+    path.write_bytes(np.random.default_rng(0).bytes(3000))
+    result = _specprof("layers", str(path), home=tmp_path)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_export_with_a_duplicated_result_is_refused_and_changes_nothing(
+        tmp_path: Path) -> None:
+    import copy
+
+    from specprof.engine.plugins import get_registry
+    from specprof.engine.profile import ProfileConfig, profile_model
+    from specprof.engine.store import Store
+    from specprof.testing import small_onnx_model
+
+    onnx.save(small_onnx_model(), tmp_path / "small.onnx")
+    with Store.open(str(tmp_path / "x.db")) as store:
+        run = profile_model(load_model(tmp_path / "small.onnx"),
+                            ProfileConfig(backends=("exact",)), store, get_registry()).run_id
+        document = store.export_run(run)
+        forged = copy.deepcopy(document)
+        forged["results"].append(copy.deepcopy(forged["results"][0]))
+        before = store.counts()
+        with pytest.raises(SpecprofError) as caught:
+            store.import_run(forged)
+        assert "a second result of layer" in caught.value.one_line()
+        assert store.counts() == before
+        assert store.import_run(document) != run  # the genuine document still imports
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf])
+def test_gemm_with_a_non_finite_alpha_is_one_error(tmp_path: Path, alpha: float) -> None:
+    weight = numpy_helper.from_array(np.ones((4, 3), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], alpha=alpha)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [weight])
+    path = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NumPy RuntimeWarning on the way
+        with pytest.raises(ModelLoadError, match="must be finite"):
             load_model(path)

@@ -213,6 +213,15 @@ def check_export_references(document: dict[str, Any]) -> None:
     if len(layer_indexes) != len(document["layers"]):
         raise invalid_export("layers", "two layers have the same index")
     n_results = len(document["results"])
+    seen: set[str] = set()
+    for position, item in enumerate(document["results"]):
+        # One result per layer, backend and parameters in a run: a second one is a damaged or
+        # forged document (every query would show the layer twice).
+        key = json.dumps([item.get("layer_index"), item.get("backend"), item.get("params_hash")])
+        if key in seen:
+            raise invalid_export(f"results/{position}", f"a second result of layer "
+                                 f"{item.get('layer_index')} by backend {item.get('backend')!r}")
+        seen.add(key)
     for section in ("results", "analyses"):
         for position, item in enumerate(document[section]):
             layer_index, result_index = item.get("layer_index"), item.get("result_index")

@@ -8,6 +8,9 @@ tensor's dimensions innermost first; the matrix is (rows, columns) = reversed.
 
 from __future__ import annotations
 
+import math
+import struct
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -17,7 +20,7 @@ import numpy as np
 
 from specprof.engine import hookimpl
 from specprof.engine.base import ImportOptions, WeightsImporter
-from specprof.engine.errors import MissingExtraError, ModelLoadError
+from specprof.engine.errors import MissingExtraError, ModelLoadError, printable
 from specprof.engine.types import WeightTensor
 
 MAGIC = b"GGUF"
@@ -33,7 +36,40 @@ def _dequantized(tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
     except NotImplementedError as error:
         raise ModelLoadError(f"gguf cannot dequantize {tensor.name} ({tensor.tensor_type.name})",
                              "upgrade the gguf package: pip install -U gguf") from error
-    return np.asarray(values, dtype=np.float32).reshape(shape)
+    except (ValueError, IndexError) as error:
+        raise ModelLoadError(f"tensor {printable(repr(tensor.name))} cannot be dequantized "
+                             f"({printable(str(error)[:200])})",
+                             "the file is damaged: its data does not fit the tensor") from error
+    values = np.asarray(values, dtype=np.float32)
+    if values.size != math.prod(shape):
+        raise ModelLoadError(f"tensor {printable(repr(tensor.name))} holds {values.size} values, "
+                             f"but its shape {shape} needs {math.prod(shape)}",
+                             "the header lies about the tensor's shape: the file is damaged")
+    return values.reshape(shape)
+
+
+GGUF_TENSOR_INFO_BYTES = 24
+"""Fewest bytes a GGUF tensor description takes (name length, dims count, type, offset)."""
+GGUF_KV_BYTES = 13
+"""Fewest bytes a GGUF metadata entry takes (key length, value type, one byte of value)."""
+
+
+def check_gguf_counts(path: Path) -> None:
+    """Refuse a GGUF header whose tensor or metadata counts cannot fit in the file, before the
+    reader allocates for them."""
+    with path.open("rb") as handle:
+        head = handle.read(24)
+    if len(head) < 24 or not head.startswith(MAGIC):
+        raise ModelLoadError(f"{path} is not a GGUF file (too short, or no GGUF magic)",
+                             "check that the file is complete")
+    version, tensors, entries = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise ModelLoadError(f"{path} is GGUF version {version}; specprof reads versions 2 and 3",
+                             "convert it with a current llama.cpp (convert_hf_to_gguf.py)")
+    if tensors * GGUF_TENSOR_INFO_BYTES + entries * GGUF_KV_BYTES > path.stat().st_size:
+        raise ModelLoadError(f"{path} declares {tensors} tensors and {entries} metadata "
+                             "entries, more than the file can hold",
+                             "the header is damaged or the file is truncated")
 
 
 class GgufImporter(WeightsImporter):
@@ -55,11 +91,24 @@ class GgufImporter(WeightsImporter):
             raise MissingExtraError("GGUF files", "gguf")
         from gguf import GGUFReader
 
+        check_gguf_counts(path)
         try:
-            reader = GGUFReader(path)
-        except (ValueError, OSError, KeyError) as error:
-            raise ModelLoadError(f"{path} is not a readable GGUF file ({error})",
+            with warnings.catch_warnings():  # NumPy overflow warnings on a damaged header
+                warnings.simplefilter("ignore")
+                reader = GGUFReader(path)
+        except (ValueError, OSError, KeyError, IndexError, TypeError, OverflowError,
+                UnicodeDecodeError, struct.error, MemoryError) as error:
+            # gguf parses the header with NumPy views; a damaged one fails in any of these
+            raise ModelLoadError(f"{path} is not a readable GGUF file ({type(error).__name__}: "
+                                 f"{printable(str(error)[:200])})",
                                  "check that the file is complete") from error
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+                raise ModelLoadError(f"{path}: tensor {printable(repr(tensor.name))} ends past "
+                                     f"the end of the file ({size} bytes)",
+                                     "the header lies about the tensor's size or offset, or "
+                                     "the file is truncated")
         for tensor in reader.tensors:
             kind = tensor.tensor_type.name
             shape = tuple(int(n) for n in reversed(list(tensor.shape)))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specprof.engine import hookimpl
+from specprof.engine.archives import check_zip
 from specprof.engine.base import Importer, ImportOptions
 from specprof.engine.errors import InputShapeError, ModelLoadError
 from specprof.engine.tf_convert import (
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
+KERAS_MEMBERS = frozenset({"metadata.json", "config.json", "model.weights.h5",
+                           "model.weights.npz", "assets/"})
+"""What ``model.save('x.keras')`` writes (Keras 3), besides files under ``assets/``."""
 _SHAPE_HINT = "pass --input-shape C,H,W (channels first, as for every framework)"
 
 
@@ -148,6 +152,11 @@ def _is_keras_zip(path: Path) -> bool:
     return "config.json" in names and "model.weights.h5" in names
 
 
+def _keras_member(name: str) -> bool:
+    """Whether a member name belongs in a Keras 3 ``.keras`` archive."""
+    return name in KERAS_MEMBERS or name.startswith("assets/")
+
+
 @contextlib.contextmanager
 def _keras_suffixed(path: Path) -> Iterator[Path]:
     """``path``, or a link to it named with the suffix its content calls for.
@@ -195,6 +204,12 @@ class KerasImporter(Importer):
         return bool(classes) and isinstance(obj, tuple(classes))
 
     def load(self, source: Path | Any, options: ImportOptions) -> onnx.ModelProto:
+        if isinstance(source, str | Path) and Path(source).is_file():
+            with Path(source).open("rb") as handle:
+                head = handle.read(len(_ZIP_MAGIC))
+            if head.startswith(_ZIP_MAGIC):  # checked before TensorFlow is even imported
+                check_zip(Path(source), "Keras archive", _keras_member,
+                          "save the model again with model.save('model.keras')")
         tf, _ = import_tf2onnx("Keras/TensorFlow models", "keras")
         if not isinstance(source, str | Path):
             return self._from_model(source, options, getattr(source, "name", "keras_model"))

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from specprof.engine import hookimpl
+from specprof.engine.archives import check_zip
 from specprof.engine.base import ImportOptions, WeightsImporter
-from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
+from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError, printable
 from specprof.engine.types import TARGET_OPSET, WeightTensor
 
 if TYPE_CHECKING:  # onnx is imported when a model is converted, not when listed
@@ -187,11 +188,25 @@ def _tensor_mapping(obj: Any) -> Mapping[str, Any] | None:
     return None
 
 
+def check_torch_zip(path: Path) -> None:
+    """Refuse an archive torch should not open (``specprof.engine.archives.check_zip``): every
+    member of a torch 2.x archive lies under one root folder."""
+    hint = "re-save it with torch.save, torch.jit.save or torch.export.save"
+    names = check_zip(path, "PyTorch archive", hint=hint).names
+    root = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+    foreign = [name for name in names if not root or not name.startswith(root) or name == root]
+    if foreign:
+        raise ModelLoadError(f"{path} holds the member {printable(repr(foreign[0]))}, which a "
+                             "PyTorch archive never has (all lie in one root folder)", hint)
+
+
 def _load_state_dict(path: Path) -> Mapping[str, Any]:
     """The tensors of a state_dict file, read with ``weights_only=True`` (never running code)."""
     import pickle
 
     import torch
+
+    check_torch_zip(path)
 
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -296,6 +311,7 @@ class TorchImporter(WeightsImporter):
                 f"{path} is not a PyTorch archive (torch.save, torch.jit.save or torch.export.save)",
                 "re-save it with torch>=1.6, or pass --format to pick another importer",
             )
+        check_torch_zip(path)
         if kind == "exported_program":
             try:
                 with _quiet():

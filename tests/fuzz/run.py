@@ -52,11 +52,13 @@ def main() -> int:
     run = profile_model(load_model(folder / "small.onnx"), ProfileConfig(backends=("exact",)),
                         store, get_registry()).run_id
     document = store.export_run(run)
+    bases = targets.checkpoint_bases()
     limit = int(args.memory_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     signal.signal(signal.SIGALRM, _alarm)
     runs: dict[str, Any] = {
         "onnx file": lambda seed: targets.load_onnx(folder, seed),
+        "checkpoint file": lambda seed: targets.load_checkpoint(folder, bases, seed),
         "export document": lambda seed: targets.import_export(store, document, seed),
         "query parameters": lambda seed: targets.query(store, seed),
     }

@@ -135,3 +135,108 @@ def query(store: Any, seed: int) -> tuple[str, str]:
     model = rng.choice([None, "*", "%", "_", "[", "a'b", "\x00"])
     return classify(lambda: store.query(where=where, sort=sort or None, model=model,
                                         limit=rng.choice([None, 1, 2**63, 2**70])))
+
+
+def checkpoint_bases() -> dict[str, bytes]:
+    """Valid small checkpoints to damage: a safetensors file and a GGUF file."""
+    import struct
+    import tempfile
+
+    import numpy as np
+
+    weights = np.arange(24, dtype=np.float32).reshape(6, 4)
+    header = {"__metadata__": {"format": "pt"},
+              "model.layers.0.mlp.up_proj.weight": {"dtype": "F32", "shape": [6, 4],
+                                                    "data_offsets": [0, 96]},
+              "model.norm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [96, 112]}}
+    text = json.dumps(header).encode()
+    safetensors = (struct.pack("<Q", len(text)) + text + weights.tobytes()
+                   + np.ones(4, np.float32).tobytes())
+    import gguf
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "base.gguf")
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_tensor("blk.0.ffn_up.weight", weights)
+        writer.add_tensor("blk.0.ffn_down.weight", weights.T.copy().astype(np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return {"safetensors": safetensors, "gguf": path.read_bytes()}
+
+
+def _lying_safetensors(data: bytes, rng: random.Random) -> bytes:
+    """The header's sizes, offsets, shapes or dtypes replaced by lies."""
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    name = rng.choice([key for key in header if key != "__metadata__"])
+    entry = header[name]
+    lies: list[Any] = [-1, 0, 1, 2**31, 2**63, 2**64 + 1, 10**30, 1.5, "8", None, [], [1, 2]]
+    field = rng.choice(["shape", "data_offsets", "dtype", "length", "entry", "metadata"])
+    if field == "shape":
+        entry["shape"] = [rng.choice(lies) if rng.random() < 0.5 else rng.choice([6, 4, 0])
+                          for _ in range(rng.randrange(0, 4))]
+    elif field == "data_offsets":
+        entry["data_offsets"] = [rng.choice([*lies, 0, 96, 112, 200]) for _ in range(2)]
+    elif field == "dtype":
+        entry["dtype"] = rng.choice(["F8_E4M3", "BF16", "I64", "COMPLEX", "", 7, None, "f32"])
+    elif field == "entry":
+        header[name] = rng.choice(lies)
+    elif field == "metadata":
+        header["__metadata__"] = rng.choice([*lies, {"a": [1] * 3}])
+    text = json.dumps(header).encode()
+    prefix = struct.pack("<Q", len(text))
+    if field == "length":
+        prefix = struct.pack("<Q", rng.choice([0, 1, len(text) - 1, len(text) + 7, 2**40,
+                                               2**64 - 1]))
+    return prefix + text + data[8 + length:]
+
+
+def _lying_gguf(data: bytes, rng: random.Random) -> bytes:
+    """The header's counts, or a tensor's dimensions, type or offset, replaced by lies."""
+    import struct
+
+    out = bytearray(data)
+    field = rng.choice(["version", "tensors", "entries", "tensor info"])
+    if field == "version":
+        out[4:8] = struct.pack("<I", rng.choice([0, 1, 4, 2**32 - 1]))
+    elif field in ("tensors", "entries"):
+        at = 8 if field == "tensors" else 16
+        out[at:at + 8] = struct.pack("<Q", rng.choice([0, 3, 1000, 2**32, 2**63, 2**64 - 1]))
+    else:
+        at = out.find(b"blk.0.ffn_up.weight") + len(b"blk.0.ffn_up.weight")
+        # n_dims (u32), dims (u64 each), type (u32), offset (u64)
+        spot = rng.choice([at, at + 4, at + 12, at + 20, at + 24])
+        width = 4 if spot in (at, at + 20) else 8
+        value = rng.choice([0, 1, 7, 2**20, 2**31 - 1, 2**32 - 1])
+        if width == 8:
+            value = rng.choice([value, 2**40, 2**63, 2**64 - 1])
+        out[spot:spot + width] = value.to_bytes(width, "little")
+    return bytes(out)
+
+
+def mutate_checkpoint(bases: dict[str, bytes], seed: int) -> tuple[str, bytes]:
+    """(suffix, bytes) of a hostile checkpoint: a header that lies, then maybe byte damage."""
+    rng = random.Random(seed)
+    kind = rng.choice(sorted(bases))
+    data = bytearray(_lying_safetensors(bases[kind], rng) if kind == "safetensors"
+                     else _lying_gguf(bases[kind], rng))
+    if rng.random() < 0.3:
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    if rng.random() < 0.15:
+        data = data[: rng.randrange(len(data))]
+    return kind, bytes(data)
+
+
+def load_checkpoint(folder: Path, bases: dict[str, bytes], seed: int) -> tuple[str, str]:
+    """Load a hostile checkpoint and read every layer's weights."""
+    from specprof.engine.loading import load_model
+
+    kind, data = mutate_checkpoint(bases, seed)
+    path = folder / f"fuzz{seed}.{kind}"
+    path.write_bytes(data)
+    return classify(lambda: [layer.weight.sum() for layer in load_model(path).layers])

@@ -38,6 +38,14 @@ def test_hostile_onnx_files_never_end_in_a_traceback(tmp_path: Path) -> None:
     assert sum(outcome == "clean" for outcome, _ in outcomes) > CASES // 4  # it does bite
 
 
+def test_checkpoint_headers_that_lie_never_end_in_a_traceback(tmp_path: Path) -> None:
+    """safetensors and GGUF headers lying about sizes, offsets, shapes, dtypes and counts."""
+    bases = targets.checkpoint_bases()
+    outcomes = [targets.load_checkpoint(tmp_path, bases, seed) for seed in range(CASES)]
+    assert [detail for outcome, detail in outcomes if outcome == "traceback"] == []
+    assert sum(outcome == "clean" for outcome, _ in outcomes) > CASES // 2
+
+
 def test_hostile_exports_never_end_in_a_traceback_nor_change_the_store(
         populated: tuple[Store, dict[str, object]]) -> None:
     store, document = populated
