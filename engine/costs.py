@@ -46,3 +46,10 @@ def matrix_free_top_k_seconds(layer: Layer, boundary: Boundary, k: int) -> float
         pair = 4.0 * rows * size
     products = ARPACK_PAIRS + 40 * k
     return products * (pair + ARPACK_FLOPS_PER_ENTRY * size) / NOMINAL_FLOPS
+
+
+def zero_padded_top_k_seconds(layer: Layer, k: int) -> float:
+    """Seconds for the top ``k`` values of a zero-padded conv by ``top_singular_values``."""
+    from specprof.engine.zero_padded import top_singular_values_flops
+
+    return top_singular_values_flops(conv_geometry(layer), k) / NOMINAL_FLOPS

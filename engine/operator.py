@@ -20,7 +20,10 @@ Boundaries:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from specprof.engine.errors import InputShapeError
+from specprof.engine.parallel import default_threads, in_threads
 from specprof.engine.types import Boundary, Layer
 
 if TYPE_CHECKING:
@@ -368,3 +372,149 @@ def group_blocks(layer: Layer) -> list[Layer]:
                 weight=layer.weight[j * per_group:(j + 1) * per_group])
         for j in range(g)
     ]
+
+
+def torch_available() -> bool:
+    """Whether torch can be imported (checked without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+class TorchConvApply:
+    """Products with a zero-padded convolution and its adjoint through torch's own
+    ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d`` (oneDNN kernels in float32: 10-50x faster
+    than ``ConvApply`` on ResNet layers, measured on 2 cores).
+
+    The map is the conv side of ``geometry`` (``transposed`` is ignored: a ConvTranspose has
+    the singular values of the conv it is the adjoint of); zero boundary, non-negative pads.
+    Asymmetric pads are applied with an explicit ``F.pad``; the adjoint is the transposed
+    convolution on the padded grid (``output_padding`` makes its size n + pads exactly), then
+    cropped. ``matvec``/``rmatvec`` take and return flat float64 NumPy vectors; the arithmetic
+    is in ``dtype`` (float32 by default: the solver that uses it checks its answers with
+    float64 products, ``ConvApply``). An ungrouped conv is split by output channels over
+    ``threads`` worker threads (``in_threads``), meant to run with torch on one thread each
+    (``one_torch_thread``): torch's own thread pool was 10x slower on a loaded machine."""
+
+    def __init__(self, geometry: ConvGeometry, dtype: str = "float32",
+                 threads: int | None = None) -> None:
+        import torch
+
+        self.threads = default_threads() if threads is None else threads
+        if geometry.boundary != "zeros" or min(geometry.pad_begin + geometry.pad_end) < 0:
+            raise ValueError("TorchConvApply needs zero padding with non-negative pads")
+        self.geo = geometry
+        self._torch = torch
+        self._dtype = torch.float32 if dtype == "float32" else torch.float64
+        self._w = torch.from_numpy(np.array(geometry.weight, dtype=np.float64)).to(self._dtype)
+        d = geometry.d
+        functional = torch.nn.functional
+        self._conv = (functional.conv1d, functional.conv2d, functional.conv3d)[d - 1]
+        self._conv_t = (functional.conv_transpose1d, functional.conv_transpose2d,
+                        functional.conv_transpose3d)[d - 1]
+        # F.pad lists (begin, end) pairs from the last dimension to the first.
+        self._pads = [p for axis in reversed(range(d))
+                      for p in (geometry.pad_begin[axis], geometry.pad_end[axis])]
+        padded = [n + b + e for n, b, e in zip(geometry.n, geometry.pad_begin, geometry.pad_end,
+                                              strict=True)]
+        self._output_padding = tuple(
+            size - ((o - 1) * s + dl * (k - 1) + 1)
+            for size, o, s, dl, k in zip(padded, geometry.out, geometry.strides,
+                                         geometry.dilations, geometry.kernel, strict=True))
+        self._crop = (slice(None), slice(None), *(slice(b, b + n) for b, n in
+                                                  zip(geometry.pad_begin, geometry.n,
+                                                      strict=True)))
+        self.shape = (geometry.c_out * math.prod(geometry.out),
+                      geometry.c_in * math.prod(geometry.n))
+
+    def _split(self) -> list[slice]:
+        """Output-channel blocks, one per worker thread (ungrouped convs only)."""
+        c_out = self.geo.c_out
+        if self.geo.groups != 1 or self.threads <= 1 or c_out < 2 * self.threads:
+            return [slice(0, c_out)]
+        step = -(-c_out // self.threads)
+        return [slice(start, min(start + step, c_out)) for start in range(0, c_out, step)]
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """A x on one flattened input."""
+        geo, torch = self.geo, self._torch
+        tensor = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(1, geo.c_in, *geo.n))
+        with torch.no_grad():
+            tensor = torch.nn.functional.pad(tensor.to(self._dtype), self._pads)
+            parts = in_threads([lambda block=block: self._conv(
+                tensor, self._w[block], stride=geo.strides, dilation=geo.dilations,
+                groups=geo.groups) for block in self._split()], self.threads)
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return y.to(torch.float64).numpy().ravel()
+
+    def rmatvec(self, y: np.ndarray) -> np.ndarray:
+        """A^T y on one flattened output."""
+        geo, torch = self.geo, self._torch
+        tensor = torch.from_numpy(np.asarray(y, dtype=np.float64).reshape(1, geo.c_out, *geo.out))
+        with torch.no_grad():
+            tensor = tensor.to(self._dtype)
+            parts = in_threads([lambda block=block: self._conv_t(
+                tensor[:, block], self._w[block], stride=geo.strides, dilation=geo.dilations,
+                groups=geo.groups, output_padding=self._output_padding)
+                for block in self._split()], self.threads)
+            x = parts[0]
+            for part in parts[1:]:
+                x = x + part
+        return np.ascontiguousarray(x[self._crop].to(torch.float64).numpy()).ravel()
+
+
+def fast_conv_apply(geometry: ConvGeometry) -> ConvApply | TorchConvApply:
+    """The fastest product with the zero-padded conv side of ``geometry`` on this machine:
+    torch's float32 convolutions when torch is installed, else ``ConvApply`` in float64."""
+    conv_side = replace(geometry, transposed=False)
+    if uses_torch(geometry) and geometry.boundary == "zeros" and min(
+            geometry.pad_begin + geometry.pad_end, default=0) >= 0:
+        return TorchConvApply(conv_side)
+    return ConvApply(conv_side)
+
+
+TORCH_WORTH_FLOPS = 5e7
+"""``apply_pair_flops`` of one product pair above which ``fast_conv_apply`` imports torch (if
+torch is not imported yet): importing it takes 1.5-2.5 s, which ~50 NumPy product pairs of
+a layer this size (~0.3 s at these flops) do not repay; a 16->32 3x3 layer at 16x16 took
+5 s with torch's import against 0.06 s without. Once torch is imported it is always used."""
+
+
+def uses_torch(geometry: ConvGeometry) -> bool:
+    """Whether ``fast_conv_apply`` takes torch's convolutions for ``geometry``: torch is
+    installed, and already imported or worth importing for this layer (``TORCH_WORTH_FLOPS``)."""
+    if "torch" in sys.modules:
+        return True
+    return torch_available() and apply_pair_flops(geometry) >= TORCH_WORTH_FLOPS
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """A context in which torch (if it is already imported) runs its kernels on one thread.
+
+    torch's OpenMP pool, on top of NumPy's and SciPy's BLAS pools, slowed its convolutions
+    10x on this project's loaded 2-core machine (0.32 s against 0.037 s for a 64->64 3x3
+    product and its adjoint at 56x56), so the solvers run it on one thread, like the BLAS
+    (``specprof.engine.parallel``)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fast_pair_flops(geometry: ConvGeometry) -> float:
+    """Nominal flops of one ``fast_conv_apply`` product and its adjoint: with torch, two
+    float32 oneDNN convolutions at ~8x ``NOMINAL_FLOPS`` on one thread plus ~8 nominal flops
+    per input and output entry (copies, padding); without it, ``apply_pair_flops``."""
+    if not uses_torch(geometry):
+        return apply_pair_flops(geometry)
+    positions = math.prod(geometry.out)
+    taps = math.prod(geometry.kernel)
+    gemm = 2.0 * geometry.c_out * (geometry.c_in // geometry.groups) * taps * positions
+    return 2 * gemm / 8 + 8.0 * sum(geometry.shape)

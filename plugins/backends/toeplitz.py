@@ -9,27 +9,24 @@ operator's exact squared Frobenius norm (closed form). The grid is a parameter (
 ``ToeplitzBackend``); ``benchmarks/toeplitz_zoo.py`` measures the candidates against the dense
 zero-padded spectrum and the default is the best measured.
 
-Everything here is NumPy (SciPy's ARPACK and root finder, imported where used): the circulant
-mathematics comes from ``specprof.engine.circulant`` (the ``fft-circulant`` backend's), and the
-true zero-padded operator (for the lower bound) is ``specprof.engine.operator``'s
-``ConvGeometry`` applied by ``ConvApply``, the matrix-free code the ``exact`` backend uses.
+The certified bounds on sigma_max come from ``specprof.engine.zero_padded`` (shared with the
+``exact`` backend's top-k): the circulant on the embedding grid above, a short Lanczos run on the
+true operator below (torch's float32 convolutions for the products where torch is installed,
+the lower bound itself always from a float64 product with ``ConvApply``). The circulant
+mathematics comes from ``specprof.engine.circulant`` (the ``fft-circulant`` backend's).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
 from specprof.engine import hookimpl
 from specprof.engine.base import NOMINAL_FLOPS, Backend
 from specprof.engine.circulant import (
-    circulant_norm,
-    circulant_norm_flops,
     circulant_spectrum,
     circulant_spectrum_flops,
 )
@@ -37,30 +34,34 @@ from specprof.engine.errors import InputShapeError
 from specprof.engine.operator import (
     ConvApply,
     ConvGeometry,
-    apply_pair_flops,
     conv_geometry,
     embedding_grid,
 )
 from specprof.engine.parallel import one_blas_thread
 from specprof.engine.types import Layer, Request, Spectrum, Support
+from specprof.engine.zero_padded import (
+    LANCZOS_PAIRS,
+    circulant_form,
+    top_singular_values,
+    top_singular_values_flops,
+)
 
-# Relative margin added to the computed upper bound to cover floating-point rounding of the
-# top symbol's norm (from its Gram's largest eigenvalue: LAPACK's backward error ~ r eps ||P||^2,
-# ~ r eps / 2 relative on the norm, far below this); every other symbol is proven below it by
-# the circulant top-k search's Cholesky certificates, which carry their own rounding bounds.
-ROUNDING_MARGIN = 1e-11
-# Consecutive embedding grids ``certified_upper_bound`` tries (the smallest bound is kept).
-UPPER_BOUND_TRIES = 2
-# For ``cost``: pairs of products (A, A^T) that ARPACK takes for the lower bound's top singular
-# vector at tol=1e-3, typically (measured 34-194 on layers of 8-512 channels), and its own
-# nominal flops per pair and vector entry (reorthogonalization against ~20 Lanczos vectors).
-LOWER_BOUND_LANCZOS_PAIRS = 100
-ARPACK_FLOPS_PER_ENTRY = 500
-# Nominal flops per singular value of resampling the sorted samples and fitting the power law
-# (a sort, then up to ~50 root-finding steps, each a power of all values), for ``cost``.
+BRACKET_TOLERANCE = 1e-2
+"""Residual (relative) at which the lower bound's Lanczos run stops: the lower bound is valid
+at any tolerance. On ResNet-18's 3x3 and 7x7 layers 1e-2 left it within 2e-6 to 2e-4 of the
+value at 1e-3 (the Rayleigh quotient's error is about the square of the vector's), in 50
+product pairs instead of 74-170: the stem conv's bracket took 0.6 s instead of 3.4 s. The
+bracket's width is the circulant upper bound's (up to 2% on 7x7 inputs), not this."""
+SPECTRUM_METHOD = "auto"
+"""``circulant_spectrum``'s method for the sampled symbols (see ``symbol_singular_values``)."""
+SPECTRUM_PRECISION = "float32"
+"""``circulant_spectrum``'s precision for the sampled symbols: its float32 promise (1e-5 of
+sigma_max; the float64 Grams it takes kept 2e-12 on ResNet-18's 128-512 channel layers) is
+far inside the approximation's own error, and it was 1.5-1.9x faster than float64's SVDs
+there (0.35 against 0.68 s at 128 channels, 1.14 against 1.72 s at 512)."""
 FIT_FLOPS_PER_VALUE = 5000
-# Symbol matrices are processed in chunks of about this many complex entries (memory cap).
-_CHUNK_ENTRIES = 4_000_000
+"""Nominal flops per singular value of resampling the sorted samples and fitting the power
+law (a sort, then up to ~50 root-finding steps, each a power of all values), for ``cost``."""
 
 # --------------------------------------------------------------------------- true operator
 
@@ -100,185 +101,31 @@ def zero_padded_frobenius_sq(geom: ConvGeometry) -> float:
 # --------------------------------------------------------------------------- the symbol
 
 
-def _polyphase_kernel(geom: ConvGeometry) -> np.ndarray:
-    """(groups, c_out/g, c_in/g * prod(s), q_1..q_d): the stride-1 kernel of the polyphase form.
-
-    y[p] = sum_a W[a] x[s p + dil a]: the tap offset t = dil a reads phase t mod s at the
-    shifted phase position p + t // s, so the strided map is a stride-1 correlation with
-    c_in * prod(s) input channels (Senderovich et al. 2022)."""
-    w = geom.grouped_weight()
-    g, co, ci = w.shape[:3]
-    q = tuple((dl * (k - 1)) // s + 1
-              for dl, k, s in zip(geom.dilations, geom.kernel, geom.strides, strict=True))
-    out = np.zeros((g, co, ci, *geom.strides, *q))
-    for tap in itertools.product(*(range(k) for k in geom.kernel)):
-        offsets = [dl * a for dl, a in zip(geom.dilations, tap, strict=True)]
-        phase = tuple(t % s for t, s in zip(offsets, geom.strides, strict=True))
-        shift = tuple(t // s for t, s in zip(offsets, geom.strides, strict=True))
-        where: tuple[Any, ...] = (slice(None), slice(None), slice(None), *phase, *shift)
-        which: tuple[Any, ...] = (Ellipsis, *tap)
-        out[where] += w[which]
-    return out.reshape(g, co, ci * math.prod(geom.strides), *q)
-
-
-def _symbol_chunks(kernel: np.ndarray, thetas: list[np.ndarray]):
-    """Yield (frequency indices, symbol matrices (g, F, c_out/g, c_in/g * S)) over the product
-    grid of ``thetas`` (one array of angles per dimension), in memory-bounded chunks."""
-    g, co, cis = kernel.shape[:3]
-    q = kernel.shape[3:]
-    phases = [np.exp(-1j * np.outer(th, np.arange(qq))) for th, qq in zip(thetas, q, strict=True)]
-    # Contract the last spatial dimension fully, loop over the leading frequency index.
-    inner = kernel
-    for axis in range(len(q) - 1, 0, -1):
-        inner = np.tensordot(inner, phases[axis], axes=([3 + axis], [1]))
-        inner = np.moveaxis(inner, -1, 3 + axis)
-    # inner: (g, co, cis, q_1, F_2, ..., F_d)
-    rest = math.prod(len(th) for th in thetas[1:])
-    inner = inner.reshape(g, co, cis, q[0], rest)
-    per_freq = max(1, g * co * cis)
-    step = max(1, _CHUNK_ENTRIES // (per_freq * max(rest, 1)))
-    first = phases[0]
-    for start in range(0, first.shape[0], step):
-        block = np.einsum("fu,gcxur->gfrcx", first[start:start + step], inner, optimize=True)
-        freqs = block.shape[1] * block.shape[2]
-        yield start, block.reshape(g, freqs, co, cis)
-
-
-def _grid(m: int, shift: float = 0.0) -> np.ndarray:
-    return 2.0 * np.pi * (np.arange(m) + shift) / m
-
-
-def _circulant_form(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[Any, ...]:
-    """The circulant functions' arguments (kernels, grid, strides, dilations) for the strided
-    circular conv on the grid s * ``grid``."""
-    full = tuple(m * s for m, s in zip(grid, geom.strides, strict=True))
-    return geom.grouped_weight(), full, geom.strides, geom.dilations
-
-
-def _circulant_shape(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[Any, ...]:
-    """``_circulant_form`` with the kernels' shape in place of the kernels (for costs)."""
-    kernels, full, strides, dilations = _circulant_form(geom, grid)
-    return kernels.shape, full, strides, dilations
-
-
-def symbol_singular_values(geom: ConvGeometry, grid: tuple[int, ...]) -> np.ndarray:
+def symbol_singular_values(geom: ConvGeometry, grid: tuple[int, ...],
+                           method: str = SPECTRUM_METHOD) -> np.ndarray:
     """All singular values of the polyphase symbol sampled on the DFT grid ``grid`` (sizes per
-    dimension, in polyphase units): the exact spectrum of the strided circular convolution on
-    the grid s * grid, from ``circulant_spectrum`` (half grid, threads, Gram eigenvalues where
-    they are accurate), expanded."""
-    values, multiplicities = circulant_spectrum(*_circulant_form(geom, grid))
+    dimension, in polyphase units): the spectrum of the strided circular convolution on the
+    grid s * ``grid``, from ``circulant_spectrum`` (half grid, threads), expanded. ``method``
+    is its method (``gram``, Grams' eigenvalues unchecked, was no faster on ResNet-18's layers
+    in a side-by-side run, so the default stays ``auto``)."""
+    values, multiplicities = circulant_spectrum(*circulant_form(geom, grid), method=method,
+                                                precision=SPECTRUM_PRECISION)
     return np.repeat(values, multiplicities)
 
 
 # --------------------------------------------------------------------------- bounds
 
 
-def _top_of_grid(geom: ConvGeometry, grid: tuple[int, ...]) -> tuple[float, np.ndarray, np.ndarray]:
-    """(max symbol norm, its frequency, its top right singular vector) on a DFT grid.
+def sigma_max_bracket(geom: ConvGeometry, tol: float = BRACKET_TOLERANCE) -> tuple[float, float]:
+    """(lower, upper): certified bounds on ||A||_2 of the zero-padded convolution.
 
-    The norm is the certified sigma_max of the circular conv on that grid (``circulant_norm``:
-    every frequency's symbol is proven below it, or decomposed), with the frequency that
-    attains it on the half grid; the vector comes from this module's own symbol there."""
-    kernel = _polyphase_kernel(geom)
-    best, g, f = circulant_norm(*_circulant_form(geom, grid))
-    index = np.unravel_index(f, (*grid[:-1], grid[-1] // 2 + 1))
-    thetas = [_grid(m) for m in grid]
-    theta = np.array([th[i] for th, i in zip(thetas, index, strict=True)])
-    single = [th[i:i + 1] for th, i in zip(thetas, index, strict=True)]
-    block = next(_symbol_chunks(kernel[g:g + 1], single))[1]
-    _, _, vh = np.linalg.svd(block[0, 0])
-    # Right singular vector of P(theta*) in group g, zero in the other groups.
-    vector = np.zeros((geom.groups, vh.shape[1]), dtype=complex)
-    vector[g] = vh[0].conj()
-    return best, theta, vector
-
-
-def certified_upper_bound(geom: ConvGeometry, tries: int = UPPER_BOUND_TRIES
-                          ) -> tuple[float, tuple[float, ...], np.ndarray]:
-    """A proven upper bound of ||A||_2 for the zero-padded convolution A.
-
-    Proof. Per dimension let L = min(pad_begin, dil (k-1)), R = min(pad_end, dil (k-1)) and m a
-    multiple of s with m >= n + L + R. Embed x (zero outside [0, n)) into Z_m and let C be the
-    circular correlation (Cx)[q] = sum_a W[a] x[(q + dil a) mod m]. An output row p of A with at
-    least one real input reads positions i = s p - pad_begin + dil a, all inside [-L, n-1+R]
-    (a window that touches [0, n) cannot reach further than dil (k-1) beyond it, nor beyond
-    the pads); that interval has at most m points, so i -> i mod m is injective on it and maps
-    the non-real positions into [n, m), where the embedded x is 0. Hence row p of A equals row
-    q = (s p - pad_begin) mod m of C restricted to the embedded columns; rows of A without a
-    real input are zero. All those q are = -pad_begin (mod s) because s | m, i.e. A is, up to
-    zero rows, a restriction of rows and columns of S C (S: keep every s-th output starting at
-    -pad_begin), so ||A|| <= ||S C||. A circular shift of the input (an isometry) turns S C into
-    the strided circular convolution on Z_m, which the polyphase decomposition makes a
-    stride-1 block-circulant map on Z_{m/s}: its norm is exactly max over the DFT grid of
-    ||P_poly(theta)||_2, computed here by per-frequency SVD. Every such m gives a valid bound;
-    we take the smallest of ``tries`` consecutive valid m, and add ``ROUNDING_MARGIN``.
-    Groups are block diagonal (norm = max over groups). Returns (bound, theta*, v*): the
-    frequency and top right singular vector where the best grid attained it.
-    """
-    best = None
-    for extra in range(tries):
-        top, theta, vector = _top_of_grid(geom, embedding_grid(geom, extra))
-        if best is None or top < best[0]:
-            best = (top, tuple(theta), vector)
-    assert best is not None
-    return best[0] * (1.0 + ROUNDING_MARGIN), best[1], best[2]
-
-
-def certified_lower_bound(geom: ConvGeometry, theta: tuple[float, ...], vector: np.ndarray,
-                          iterations: int = 10) -> float:
-    """max ||A x|| / ||x|| over explicit test vectors x: a lower bound of ||A||_2 by definition,
-    since ||A x|| is computed with the true zero-padded operator (``conv_apply``).
-
-    The start is the plane wave theta* modulated by the symbol's top right singular vector
-    (the eigenvector of the infinite Toeplitz operator at its peak), restricted to the n-grid;
-    a few power iterations with A^T A, then Lanczos (``scipy.sparse.linalg.svds``) started from
-    there, refine it; the best ratio over all explicit vectors tried is returned."""
-    s, d = geom.strides, geom.d
-    units = [-(-n // st) for n, st in zip(geom.n, s, strict=True)]
-    # Polyphase layout: x[c, s u + r] = v[c, r] exp(-i theta u), built as (c, s..., u...).
-    wave = vector.reshape(geom.c_in, *s)
-    for th, u in zip(theta, units, strict=True):
-        wave = np.multiply.outer(wave, np.exp(-1j * th * np.arange(u)))
-    order = [0] + [x for j in range(d) for x in (1 + d + j, 1 + j)]
-    wave = np.transpose(wave, order).reshape(geom.c_in, *(u * st for u, st in zip(units, s, strict=True)))
-    x = np.ascontiguousarray(wave[(slice(None), *(slice(0, n) for n in geom.n))].real)
-    if not np.any(x):
-        x = np.random.default_rng(0).standard_normal((geom.c_in, *geom.n))
-    operator = true_operator(geom)
-    x = x.ravel()
-    best = 0.0
-    for _ in range(iterations + 1):  # power iterations: cheap, monotone from a good start
-        norm_x = float(np.linalg.norm(x))
-        if norm_x == 0.0:
-            break
-        y = operator.matvec(x)
-        best = max(best, float(np.linalg.norm(y)) / norm_x)
-        x = operator.rmatvec(y)
-        x /= max(float(np.linalg.norm(x)), np.finfo(float).tiny)
-    return max(best, _lanczos_lower_bound(geom, operator, x))
-
-
-def _lanczos_lower_bound(geom: ConvGeometry, operator: ConvApply, start: np.ndarray) -> float:
-    """||A v|| / ||v|| for ARPACK's top right singular vector v (Lanczos converges where the
-    power iteration is slow); 0 when the operator is too small for ARPACK or it fails."""
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, svds
-
-    rows, cols = geom.shape
-    if min(rows, cols) < 3:
-        return 0.0
-    linear = LinearOperator((rows, cols), dtype=np.float64, matvec=operator.matvec,
-                            rmatvec=operator.rmatvec)
-    # ARPACK iterates on the smaller side's Gram matrix, so v0 lives there. A loose tol: the
-    # bound is ||A v|| / ||v|| for whatever v comes back, valid at any tol, and against
-    # tol=1e-8 it moved by 1e-11 (relative) on a 64->64 layer at 56x56, in 2.6x less time.
-    v0 = start if cols <= rows else operator.matvec(start)
-    try:
-        _, _, vt = svds(linear, k=1, tol=1e-3, v0=v0 if np.any(v0) else None, maxiter=200,
-                        random_state=0)
-    except (ArpackNoConvergence, ArpackError):  # the power-iteration result still stands
-        return 0.0
-    v = vt[0]
-    return float(np.linalg.norm(operator.matvec(v))) / float(np.linalg.norm(v))
+    upper: the circulant on the embedding grid (``certified_upper_bound``, one grid). lower:
+    ||A x|| / ||x|| in float64 for the Ritz vector x of a short Lanczos run (torch float32
+    products where installed) from the circulant's top vector, stopped at a residual of
+    ``tol`` (``top_singular_values`` without its float64 refinement): valid for any x, and
+    within ~tol of sigma_max in practice."""
+    found = top_singular_values(geom, 1, tol=tol, upper_tries=1, refine=False)
+    return found.lower_bound, found.upper_bound
 
 
 # --------------------------------------------------------------------------- approximation
@@ -377,12 +224,12 @@ class ToeplitzBackend(Backend):
     description = "Toeplitz spectral density of the zero-padded conv (Yi 2020) + certified bounds"
 
     def __init__(self, alpha: float = 0.5, adjust: str = "anchored",
-                 power_iterations: int = 10) -> None:
+                 bracket_tolerance: float = BRACKET_TOLERANCE) -> None:
         if adjust not in ADJUSTMENTS:
             raise ValueError(f"adjust must be one of {ADJUSTMENTS}")
         self.alpha = alpha
         self.adjust = adjust
-        self.power_iterations = power_iterations
+        self.bracket_tolerance = bracket_tolerance
 
     def supports(self, layer: Layer, request: Request) -> Support:
         if not layer.is_conv:
@@ -416,17 +263,16 @@ class ToeplitzBackend(Backend):
         return Support.yes()
 
     def cost(self, layer: Layer, request: Request) -> float | None:
-        """What ``compute`` does, in flops at ``NOMINAL_FLOPS``: a certified top-1 of the
-        circular conv on each embedding grid tried (upper bound), power and Lanczos products
-        with the true operator (lower bound), the full circular spectrum on the sampling grid
+        """What ``compute`` does, in flops at ``NOMINAL_FLOPS``: the certified bracket on
+        sigma_max (``top_singular_values_flops``: circulant norm on the embedding grid, a
+        short Lanczos run, fewer pairs at a looser tolerance), the sampled symbols' spectrum
         and the fit of all values (approximation)."""
         geom = conv_geometry(layer)
-        flops = sum(circulant_norm_flops(*_circulant_shape(geom, embedding_grid(geom, extra)))
-                    for extra in range(UPPER_BOUND_TRIES))
-        pairs = self.power_iterations + 1 + LOWER_BOUND_LANCZOS_PAIRS
-        flops += pairs * (apply_pair_flops(geom) + ARPACK_FLOPS_PER_ENTRY * geom.n_values)
-        flops += circulant_spectrum_flops(*_circulant_shape(geom, sampling_grid(geom,
-                                                                                self.alpha)))
+        pairs = max(20, round(LANCZOS_PAIRS * math.log10(1 / self.bracket_tolerance) / 6))
+        flops = top_singular_values_flops(geom, 1, lanczos_pairs=pairs)
+        kernels, grid, strides, dilations = circulant_form(geom, sampling_grid(geom, self.alpha))
+        flops += circulant_spectrum_flops(kernels.shape, grid, strides, dilations,
+                                          method=SPECTRUM_METHOD, precision=SPECTRUM_PRECISION)
         flops += FIT_FLOPS_PER_VALUE * geom.n_values
         return flops / NOMINAL_FLOPS
 
@@ -434,8 +280,7 @@ class ToeplitzBackend(Backend):
         start = time.perf_counter()
         geom = conv_geometry(layer)
         with one_blas_thread():  # see specprof.engine.parallel; pieces run in worker threads
-            upper, theta, vector = certified_upper_bound(geom)
-            lower = certified_lower_bound(geom, theta, vector, self.power_iterations)
+            lower, upper = sigma_max_bracket(geom, self.bracket_tolerance)
             values = approximate_singular_values(geom, self.alpha, self.adjust, top=lower)
         complete = request.top_k is None or request.top_k >= values.size
         if request.top_k is not None:
@@ -446,6 +291,23 @@ class ToeplitzBackend(Backend):
                         seconds=time.perf_counter() - start, device="cpu", params=params,
                         note="approximate values; certified bounds on sigma_max",
                         complete=complete)
+
+    def memory(self, layer: Layer, request: Request) -> int | None:
+        """The bracket's matrix-free products and Lanczos vectors (24 for one value), the symbol matrices on the largest grid, and the approximation's copies of
+        all values (samples, sort, resampling, power fit)."""
+        from specprof.engine.limits import conv_products_bytes, half_grid_frequencies, lanczos_bytes
+
+        geom = conv_geometry(layer)
+        rows, cols = geom.shape
+        products = conv_products_bytes(rows, cols, math.prod(geom.out), math.prod(geom.kernel),
+                                       geom.c_in)
+        grids = [embedding_grid(geom), sampling_grid(geom, self.alpha)]
+        frequencies = max(half_grid_frequencies(grid) for grid in grids)
+        channels = geom.c_out * geom.c_in // geom.groups * math.prod(geom.strides)
+        symbols = 3 * 16 * frequencies * channels
+        values = 8 * 8 * max(geom.n_values, math.prod(sampling_grid(geom, self.alpha))
+                             * min(geom.c_out, geom.c_in * math.prod(geom.strides)))
+        return products + lanczos_bytes(geom.n_values, 24) + symbols + values
 
 
 @hookimpl
