@@ -18,6 +18,14 @@ number comes from this run on this machine, the reference beside ours.
   floor is a lower bound for the SVD route, not a goal; the Gram route needs about half those
   flops (a Hermitian tridiagonal reduction), so it can come in under 1x.
 - max rel diff: max |ours - reference| / sigma_max over all values (expanded, sorted).
+- The whole command (last table; ``--command-only``: only it): ``specprof profile
+  resnet50.onnx --backend fft-circulant --boundary circular --top-k 1`` as a user runs it, in
+  a fresh process with a fresh database (process start, imports, import + normalize or the
+  normalized-model cache, extraction, the store), first run (empty cache), cached run and with
+  the cache off, beside the backend alone on the same 54 layers in this process; without
+  ``--quick`` also the full circular spectra. ResNet-50 is ``benchmarks/resnets.py``'s (plain
+  torch, random weights, BN folded by the exporter). Wall seconds are also scaled to a DGEMM
+  rate of 87 GFLOP/s by the rate measured around each row (targets: 5 s top-1, 30 s full).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import argparse
 import math
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -212,18 +222,102 @@ def resnet50(quick: bool) -> None:
     print(f"process peak RSS (whole run): {maxrss:.0f} MB")
 
 
+# --------------------------------------------------------------------------------------------
+# The whole command, as a user runs it.
+
+REFERENCE_GEMM = 87e9  # the targets of issue 14 are stated at DGEMM 87 GFLOP/s on 2 cores
+TOP1_COMMAND = ["--backend", "fft-circulant", "--boundary", "circular", "--top-k", "1"]
+FULL_COMMAND = ["--backend", "fft-circulant", "--boundary", "circular"]
+
+
+def run_command(model: str, options: list[str], db: str, env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + sys of the child) of ``specprof profile MODEL OPTIONS``
+    in a fresh process with a fresh database (so nothing stored is reused)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "specprof", "profile", model, *options,
+                           "--db", db, "-q", "--output-format", "csv"],
+                          capture_output=True, text=True, env={**os.environ, **env}, check=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"specprof profile failed: {done.stderr.strip()}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def rated(fn: Callable[[], tuple[float, float]]) -> tuple[float, float, float]:
+    """(wall, cpu, GEMM rate) of ``fn``, the rate the mean of one measured just before and one
+    just after it: on a shared machine the load moves between rows, so each row is scaled by
+    its own rate."""
+    before = gemm_rate()
+    wall, cpu = fn()
+    return wall, cpu, (before + gemm_rate()) / 2
+
+
+def whole_command(quick: bool) -> None:
+    """``specprof profile resnet50.onnx --backend fft-circulant --boundary circular [--top-k 1]``
+    timed as a user runs it (subprocess: process start, import, normalize, extract, store),
+    first run (empty normalized-model cache) and cached run, beside the backend alone on the
+    same layers; seconds also scaled to DGEMM 87 GFLOP/s (x rate / 87)."""
+    from resnets import build_resnet50_onnx
+
+    from specprof.engine.loading import load_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        model = os.path.join(folder, "resnet50.onnx")
+        build_resnet50_onnx(model)
+        layers = load_model(model).layers
+        backend = FftCirculantBackend()
+
+        def alone() -> tuple[float, float]:
+            cpu = time.process_time()
+            seconds, _ = best_time(lambda: [backend.compute(layer, TOP1) for layer in layers], 1)
+            return seconds, time.process_time() - cpu
+
+        cache = {"SPECPROF_CACHE_DIR": os.path.join(folder, "cache")}
+        off = {"SPECPROF_NORMALIZE_CACHE": "0"}
+        rows = [("backend alone, top-1 (in process)", *rated(alone), math.nan)]
+        runs = [("CLI top-1, first run (fills the cache)", TOP1_COMMAND, cache, 5.0),
+                ("CLI top-1, cached run", TOP1_COMMAND, cache, 5.0),
+                ("CLI top-1, cache off", TOP1_COMMAND, {**cache, **off}, math.nan)]
+        if not quick:
+            runs.append(("CLI full spectra, cached run", FULL_COMMAND, cache, 30.0))
+        for index, (label, options, env, target) in enumerate(runs):
+            db = os.path.join(folder, f"{index}.db")
+            rows.append((label, *rated(lambda options=options, db=db, env=env:
+                                       run_command(model, options, db, env)), target))
+    print(f"\nResNet-50 at 224x224 ({len(layers)} layers: 53 convs + fc), the whole command "
+          f"`specprof profile resnet50.onnx {' '.join(TOP1_COMMAND)}` (full spectra: without "
+          "--top-k), fresh process and database; scaled = seconds x (GEMM rate around the "
+          "row / 87 GFLOP/s)")
+    print(f"{'what':40s} {'seconds':>8s} {'cpu s':>7s} {'GFLOP/s':>8s} {'scaled':>7s} target")
+    for label, wall, cpu, rate, target in rows:
+        scaled = wall * rate / REFERENCE_GEMM
+        verdict = "" if math.isnan(target) else \
+            f"{target:.0f} s {'ok' if scaled <= target else 'OVER'}"
+        print(f"{label:40s} {wall:8.2f} {cpu:7.2f} {rate / 1e9:8.1f} {scaled:7.2f} {verdict}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="one run per timing, ResNet-50 sigma_max only (under a minute)")
+    parser.add_argument("--command-only", action="store_true",
+                        help="only the whole-command rows (specprof profile as a user runs it)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # rows appear as they finish
     rate = gemm_rate()
     print(f"cores: {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}), "
           f"GEMM float64 2048^2: {rate / 1e9:.1f} GFLOP/s, load average "
           f"{os.getloadavg()[0]:.1f}")
-    named_layers(rate, repeats=1 if args.quick else 2)
-    resnet50(args.quick)
+    if not args.command_only:
+        named_layers(rate, repeats=1 if args.quick else 2)
+        resnet50(args.quick)
+        from zero_padded_top1 import run as resnet50_zero_padded  # this folder: zero padding
+
+        resnet50_zero_padded(rate, args.quick)
+    whole_command(args.quick)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ from specprof.engine.base import Importer, ImportOptions, WeightsImporter
 from specprof.engine.errors import InputShapeError, MissingExtraError, ModelLoadError
 from specprof.engine.extract import extract
 from specprof.engine.naming import block_of, fused_note, role_of
-from specprof.engine.normalize import default_opset, has_external_data, normalize
+from specprof.engine.normalize import (
+    NormalizeCache,
+    default_opset,
+    has_external_data,
+    normalize,
+)
 from specprof.engine.plugins import Registry, get_registry
 from specprof.engine.types import Layer, LoadedModel, SkippedNode, StreamedLayers, WeightTensor
 
@@ -243,9 +248,14 @@ def load_model(
         importer = choose_importer(path, registry, format)
         if isinstance(importer, WeightsImporter) and importer.reads_weights(path, options):
             return _load_weights_model(importer, path, options, name)
-        proto = importer.load(path, options)
         display_name, source_text = name or path.stem, str(path)
         model_path = path
+        cached = _import_normalized(importer, path, options)
+        if cached is not None:
+            return _loaded_model(cached[0], list(cached[1]), importer, display_name,
+                                 source_text, None, input_shape, fold_batchnorm,
+                                 skip_unsupported)
+        proto = importer.load(path, options)
     else:
         if format is not None and format not in registry.importers:
             raise ModelLoadError(f"unknown model format '{format}'",
@@ -257,6 +267,55 @@ def load_model(
     on_disk = model_path is not None and has_external_data(proto)
     normalized, warnings = normalize(proto, input_shape, path=model_path if on_disk else None,
                                      skip_unsupported=skip_unsupported)
+    return _loaded_model(normalized, warnings, importer, display_name, source_text,
+                         model_path if on_disk else None, input_shape, fold_batchnorm,
+                         skip_unsupported)
+
+
+def _cache_options(options: ImportOptions) -> dict[str, Any]:
+    return {"input_shape": options.input_shape, "skip_unsupported": options.skip_unsupported}
+
+
+def _import_normalized(importer: Importer, path: Path, options: ImportOptions
+                       ) -> tuple[onnx.ModelProto, tuple[str, ...]] | None:
+    """Import and normalize the model file ``path`` through the normalized-model cache
+    (``NormalizeCache``): the cached model when this content was normalized before with the
+    same options, else the model imported and normalized now and stored for next time.
+
+    None where the cache does not apply: turned off (``$SPECPROF_NORMALIZE_CACHE=0``), a
+    ``model_class`` (its code lives outside the file), not a regular file, or a model too big
+    for one protobuf message (its data stays on disk: the caller loads it that way). A file
+    whose weights may live in other files is normalized here but not stored.
+    """
+    cache = NormalizeCache.from_environment()
+    if cache is None or options.model_class is not None:
+        return None
+    key = cache.key(path, importer.name, _cache_options(options))
+    if key is None:
+        return None
+    found = cache.get(key)
+    if found is not None:
+        return found.model, found.warnings
+    proto = importer.load(path, options)
+    if has_external_data(proto):
+        return None  # the caller loads it again from disk, data left in its files
+    normalized, warnings = normalize(proto, options.input_shape,
+                                     skip_unsupported=options.skip_unsupported)
+    # Stored only for content hashed again now (a file rewritten while it was imported must
+    # not be filed under its old content) that holds all its weights.
+    if cache.self_contained(path) and cache.key(path, importer.name,
+                                                _cache_options(options)) == key:
+        cache.put(key, normalized, warnings)
+    return normalized, tuple(warnings)
+
+
+def _loaded_model(normalized: onnx.ModelProto, warnings: list[str], importer: Importer,
+                  display_name: str, source_text: str, model_path: Path | None,
+                  input_shape: tuple[int, ...] | None, fold_batchnorm: bool,
+                  skip_unsupported: bool) -> LoadedModel:
+    """Extract the layers of a normalized model (``model_path``: its file, where its data
+    stays on disk) and assemble the ``LoadedModel``."""
+    on_disk = model_path is not None
     extraction = extract(normalized, fold_batchnorm=fold_batchnorm,
                          skip_unsupported=skip_unsupported,
                          base_dir=str(model_path.parent) if on_disk and model_path else "")
@@ -264,7 +323,7 @@ def load_model(
                          if extraction.notes.get(layer.name) else layer)
               for layer in extraction.layers]
     skipped = list(extraction.skipped)
-    warnings += [*extraction.warnings, *extraction.note_warnings()]
+    warnings = [*warnings, *extraction.warnings, *extraction.note_warnings()]
     if on_disk:
         warnings.append("the model's data is over 2 GB and stays in its external files: "
                         "weights were read from disk one by one")

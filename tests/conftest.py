@@ -16,6 +16,10 @@ def _isolated_data_home(tmp_path_factory: pytest.TempPathFactory,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may touch the user's own database: the default path points into a temp dir."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+    # Nor its cache: each test session's normalized models go to a temp dir.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+    monkeypatch.delenv("SPECPROF_CACHE_DIR", raising=False)
+    monkeypatch.delenv("SPECPROF_NORMALIZE_CACHE", raising=False)
     monkeypatch.delenv("SPECPROF_DB", raising=False)
     monkeypatch.delenv("SPECPROF_DISABLED_PLUGINS", raising=False)
 

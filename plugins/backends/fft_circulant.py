@@ -118,6 +118,25 @@ class FftCirculantBackend(Backend):
             return TorchOps("cpu")
         return NumpyOps(self.threads)
 
+    def memory(self, layer: Layer, request: Request) -> int | None:
+        """The complex symbol matrices of the half grid (three copies: phases, products,
+        the SVD's work) and the values with their multiplicities; a matrix layer's SVD."""
+        import math
+
+        from specprof.engine.circulant import conv_form
+        from specprof.engine.limits import half_grid_frequencies
+
+        values = 3 * 16 * circulant_value_count(layer)
+        if layer.op_type in MATRIX_OPS:
+            rows, cols = (int(n) for n in layer.weight.shape)
+            return 3 * 8 * rows * cols + values
+        kernels, grid, strides, _ = conv_form(layer)
+        groups, c_out, c_in = (int(n) for n in kernels.shape[:3])
+        small = [max(1, n // s) for n, s in zip(grid, strides, strict=True)]
+        frequencies = half_grid_frequencies(small)
+        symbols = 16 * frequencies * groups * c_out * c_in * math.prod(strides)
+        return 3 * symbols + values
+
 
 def _cuda_support() -> Support:
     try:
