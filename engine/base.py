@@ -147,6 +147,15 @@ class Backend(PluginObject, ABC):
         """
         return None
 
+    def memory(self, layer: Layer, request: Request) -> int | None:
+        """Estimated peak bytes ``compute`` allocates on this layer and request, on the high
+        side (every array of every phase added up), without allocating anything.
+
+        Called only where ``supports`` said yes; the profiler refuses the backend on a layer
+        whose estimate is above ``request.max_memory``. None (the default): no estimate, never
+        refused."""
+        return None
+
     @abstractmethod
     def compute(self, layer: Layer, request: Request) -> Spectrum:
         """Singular values of ``layer``. Called only after ``supports`` said yes.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any
 
 import click
@@ -40,7 +41,8 @@ def _model_options(func: Any) -> Any:
 
 
 @click.command()
-@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("models", metavar="MODEL [MODEL ...]", nargs=-1, required=True,
+                type=click.Path(dir_okay=True))
 @DB_OPTION
 @click.option("--backend", default="auto", show_default=True,
               help="Backend name, or several separated by commas; 'auto' picks per layer.")
@@ -59,47 +61,121 @@ def _model_options(func: Any) -> Any:
                    "(safetensors, GGUF, state dicts, LoRA), float64 otherwise].")
 @click.option("--max-dense", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Largest matrix side the dense exact SVD accepts.")
+@click.option("--max-memory", metavar="SIZE",
+              help="Memory one layer may take, e.g. 8G or 512M; a backend estimated above it "
+                   "is not run on the layer [default: half the memory available].")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              show_default=True,
+              help="Estimated seconds an approximate backend (toeplitz) may take on one layer.")
 @click.option("--force", is_flag=True, help="Recompute spectra already in the database.")
 @click.option("--resume", is_flag=True,
               help="Continue the last interrupted run of this model and configuration.")
 @click.option("--name", help="Name to store the model under (default: the file name).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Compute on a local Dask cluster of N worker processes (needs the 'dask' "
+                   "extra); this process still plans and writes.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", envvar="SPECPROF_SCHEDULER",
+              help="Compute on the Dask cluster of this scheduler [default: "
+                   "$SPECPROF_SCHEDULER]; see docs/distributed.md.")
 @_model_options
 @click.option("--output-format", type=OUTPUT_FORMATS, default="table", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def profile(model: str, db: str | None, backend: str, boundary: str, top_k: int | None,
+def profile(models: tuple[str, ...], db: str | None, backend: str, boundary: str, top_k: int | None,
             device: str, prefer: str | None, precision: str | None, max_dense: int, force: bool,
             resume: bool,
-            name: str | None,
+            name: str | None, workers: int | None, scheduler: str | None,
+            max_memory: str | None, max_seconds: float,
             input_shape: str | None, model_format: str | None, model_class: str | None,
             output_format: str, quiet: bool, fold_batchnorm: bool = False,
             skip_unsupported: bool = False) -> None:
-    """Compute the spectra of every linear layer of MODEL and store the run."""
+    """Compute the spectra of every linear layer of each MODEL and store one run per model.
+
+    MODEL is a model file, a folder (of model files, or one sharded checkpoint) or a glob. A
+    model that fails is reported and the others go on; the exit status is 1 if any failed.
+    """
+    from rich.markup import escape
+
     from specprof.engine import api
+    from specprof.engine.distributed import DaskExecutor, open_executor
+    from specprof.engine.limits import parse_memory
     from specprof.engine.plugins import get_registry
-    from specprof.engine.profile import ProfileConfig, split_names, validate_backends
-    from specprof.engine.progress import layer_progress
+    from specprof.engine.profile import ExecutorLost, ProfileConfig, split_names, validate_backends
+    from specprof.engine.progress import run_progress
 
     preferred = split_names(prefer)
-    ProfileConfig(device=device)  # a bad --device fails before the model is loaded
-    validate_backends(split_names(backend), get_registry(), preferred)
-    loaded = api.load_model(model, format=model_format, input_shape=input_shape,
-                            model_class=model_class, name=name, fold_batchnorm=fold_batchnorm,
-                            skip_unsupported=skip_unsupported)
-    if precision is None:  # checkpoints have no graph: float32 LAPACK is their default
-        precision = "float32" if loaded.proto is None else "float64"
-    n_tasks = len(loaded.layers) * len(backend.split(","))
-    with layer_progress(n_tasks, f"profiling {loaded.name}", quiet or output_format != "table") as tick:
-        frame = api.profile(loaded, backend=backend, db=db, boundary=boundary,  # type: ignore[arg-type]
-                            device=device, top_k=top_k, precision=precision, prefer=preferred,
-                            max_dense=max_dense, force=force, resume=resume, on_layer=tick)
+    resolved = ProfileConfig(device=device).device  # a bad --device fails before any loading
+    registry = get_registry()
+    validate_backends(split_names(backend), registry, preferred)
+    if name is not None and len(models) > 1:
+        raise SpecprofError("--name names one model, and several were given",
+                            "leave --name out: each model is stored under its file name")
+    sources = api.model_sources(models, registry, model_format)
+    load = partial(api.load_model, format=model_format, input_shape=input_shape,
+                   model_class=model_class, name=name, registry=registry,
+                   fold_batchnorm=fold_batchnorm, skip_unsupported=skip_unsupported)
+    options = {"backend": backend, "db": db, "boundary": boundary, "device": resolved,
+               "top_k": top_k, "precision": precision, "prefer": preferred,
+               "max_dense": max_dense, "force": force, "resume": resume,
+               "max_memory": None if max_memory is None else parse_memory(max_memory),
+               "max_seconds": max_seconds}
+    show = output_format == "table"
+    frames, failed = [], []
+    with open_executor(workers, scheduler, resolved) as executor, \
+            run_progress(quiet, bar=show) as tracker:
+        if isinstance(executor, DaskExecutor):
+            tracker.say(executor.describe())
+        ahead = isinstance(executor, DaskExecutor)  # computed elsewhere: read the next model meanwhile
+        for position, (source, loaded) in enumerate(api.loaded_models(sources, load, ahead), 1):
+            where = f" ({position}/{len(sources)})" if len(sources) > 1 else ""
+            try:
+                if isinstance(loaded, SpecprofError):
+                    raise loaded
+                frame = _profile_one(loaded, options, executor, tracker, where, quiet, show)
+            except ExecutorLost:
+                raise
+            except SpecprofError as error:
+                if len(sources) == 1:
+                    raise
+                failed.append(str(source))
+                console().print(f"[red]error:[/] {escape(printable(str(source)))}: "
+                                f"{escape(error.one_line())}", highlight=False)
+                continue
+            frames.append((str(source), frame))
+    if not show:
+        _emit_profiles(frames, output_format)
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(sources)} models failed: "
+                                   f"{printable(', '.join(failed))}")
+
+
+def _profile_one(loaded: Any, options: dict[str, Any], executor: Any, tracker: Any, where: str,
+                 quiet: bool, show: bool) -> Any:
+    """Profile one loaded model for ``profile``; prints its table (table format)."""
+    from specprof.engine import api
+
+    if options["precision"] is None:  # checkpoints have no graph: float32 LAPACK is their default
+        options = {**options, "precision": "float32" if loaded.proto is None else "float64"}
+    tracker.grow(len(loaded.layers) * len(options["backend"].split(",")),
+                 f"profiling {loaded.name}{where}")
+    frame = api.profile(loaded, **options, on_layer=tracker, executor=executor)
     warn(loaded.warnings, quiet)
     title = f"run {frame.attrs['run_id']}: {loaded.name} ({loaded.format}, {len(loaded.layers)} layers)"
-    if output_format == "table":
+    if show:
         _print_profile_table(frame, title)
-    else:
-        emit(frame, output_format)
-    if loaded.skipped and output_format == "table" and not quiet:
+    if loaded.skipped and show and not quiet:
         console().print(f"{len(loaded.skipped)} node(s) not profiled: see 'specprof layers'")
+    return frame
+
+
+def _emit_profiles(frames: list[tuple[str, Any]], output_format: str) -> None:
+    """JSON or CSV of the runs: one model's table as it is, several behind a ``model`` column."""
+    import pandas as pd
+
+    if len(frames) == 1:
+        emit(frames[0][1], output_format)
+        return
+    tables = [frame.assign(model=source)[["model", *frame.columns]] for source, frame in frames]
+    emit(pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), output_format)
 
 
 def _print_profile_table(frame: Any, title: str) -> None:
@@ -109,8 +185,9 @@ def _print_profile_table(frame: Any, title: str) -> None:
 
     table = Table(title=Text(printable(title)), title_justify="left", header_style="bold")
     for name, justify in (("#", "right"), ("layer", "left"), ("op", "left"),
-                          ("backend", "left"), ("σ_max", "right"), ("σ_min", "right"),
-                          ("n", "right"), ("bounds on σ_max", "right"), ("time", "right"),
+                          ("backend", "left"), ("σ_max", "right"), ("±", "right"),
+                          ("σ_min", "right"), ("n", "right"), ("bounds on σ_max", "right"),
+                          ("time", "right"),
                           ("why", "left")):
         table.add_column(name, justify=justify,  # type: ignore[arg-type]
                          no_wrap=name not in ("layer", "op", "why"), overflow="fold")
@@ -120,10 +197,22 @@ def _print_profile_table(frame: Any, title: str) -> None:
         table.add_row(
             str(row.index), Text(printable(short_name(row.layer))), Text(printable(row.shape)),
             Text(printable(backend), style="" if ok else "red"),
-            number(row.sigma_max, ".4g") if ok else "", number(row.sigma_min, ".4g") if ok else "",
+            number(row.sigma_max, ".4g") if ok else "",
+            _error_text(row.sigma_max_error) if ok else "",
+            number(row.sigma_min, ".4g") if ok else "",
             str(row.n_values) if ok else "", Text(bounds_text(row.lower_bound, row.upper_bound)),
             f"{row.seconds:.2f} s" if row.status == "ok" else "", Text(printable(row.reason or "")))
     print_wide(table)
+    if frame["sigma_max_error"].notna().any():
+        console().print("±: how far σ_max can be from the true one, from its certified bounds; "
+                        "where it is too wide for you, ask for --backend exact", highlight=False)
+
+
+def _error_text(error: float) -> str:
+    """A relative error as a short percentage ('' when unknown)."""
+    if is_missing(error):
+        return ""
+    return "<0.01%" if error < 1e-4 else f"{100 * error:.2g}%"
 
 
 @click.command()
@@ -315,8 +404,14 @@ def build_cli() -> click.Group:
 
     @click.group(cls=SpecprofCLI, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(package_name="specprof")
-    def cli() -> None:
+    @click.option("-v", "--verbose", is_flag=True,
+                  help="Show the log lines and warnings of TensorFlow, onnxruntime, JAX, torch "
+                       "and the converters (hidden by default).")
+    def cli(verbose: bool) -> None:
         """Profile the singular values of a model's linear layers and query the stored results."""
+        from specprof.engine.logs import route_third_party_logs
+
+        route_third_party_logs(verbose)
 
     for command in (profile, compare, layers, backends, plugins, cli_analyze.analyze,
                     *cli_store.COMMANDS):

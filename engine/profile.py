@@ -7,15 +7,23 @@ own transaction, so a run interrupted at any point keeps every layer it finished
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from specprof.engine.base import Backend
 from specprof.engine.errors import SpecprofError
+from specprof.engine.limits import DEFAULT_MAX_SECONDS, default_max_memory, limit_refusal
 from specprof.engine.plugins import Registry
 from specprof.engine.store import Store
-from specprof.engine.types import Layer, LoadedModel, Request, Spectrum, resolve_device
+from specprof.engine.types import (
+    Boundary,
+    Layer,
+    LoadedModel,
+    Request,
+    Spectrum,
+    resolve_device,
+)
 
 AUTO = "auto"
 MODEL_BOUNDARY: Final = "model"
@@ -45,25 +53,33 @@ class ProfileConfig:
     resume: bool = False
     prefer: tuple[str, ...] = ()
     """Backends ``auto`` tries first (``--prefer``), where they support the layer."""
+    max_memory: int | None = None
+    """Bytes one layer may take (``--max-memory``); None: a share of the available memory."""
+    max_seconds: float | None = DEFAULT_MAX_SECONDS
+    """Estimated seconds an approximate backend may take on one layer (``--max-seconds``)."""
 
     def __post_init__(self) -> None:
         # Resolved once here, so every backend and every layer of a run sees one device.
         object.__setattr__(self, "device", resolve_device(self.device))
+        if self.max_memory is None:
+            object.__setattr__(self, "max_memory", default_max_memory())
         object.__setattr__(self, "prefer", tuple(self.prefer))
 
-    def request(self, layer: Layer | None = None) -> Request:
+    def request(self, layer: Layer | LayerSummary | None = None) -> Request:
         """The question for the backends; with ``boundary="model"`` each layer's own padding."""
         boundary = self.boundary
         if boundary == MODEL_BOUNDARY:
             boundary = layer.padding_mode if layer is not None else "zeros"
         return Request(boundary=boundary, device=self.device,  # type: ignore[arg-type]
                        top_k=self.top_k, precision=self.precision, max_dense=self.max_dense,
-                       prefer=self.prefer)
+                       prefer=self.prefer, max_memory=self.max_memory,
+                       max_seconds=self.max_seconds)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["backends"] = list(self.backends)
-        del data["resume"]  # how the run was started, not what it computes
+        for name in ("resume", "max_memory", "max_seconds"):
+            del data[name]  # how the run was started, not what it computes
         if self.prefer:
             data["prefer"] = list(self.prefer)
         else:
@@ -72,10 +88,47 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
-class LayerOutcome:
-    """One (layer, backend) result of a run, as shown in the per-layer table."""
+class LayerSummary:
+    """What a run's tables need of a ``Layer``, without its weights.
 
-    layer: Layer
+    A run's outcomes keep one of these per layer instead of the layer itself, so profiling a
+    streamed checkpoint holds one tensor at a time, not every tensor it has seen.
+    """
+
+    name: str
+    index: int
+    op_type: str
+    description: str
+    is_conv: bool
+    padding_mode: Boundary
+    weight_shape: tuple[int, ...]
+    content_hash: str
+    block: int | None = None
+    role: str = ""
+    note: str = ""
+
+    @classmethod
+    def of(cls, layer: Layer) -> LayerSummary:
+        return cls(name=layer.name, index=layer.index, op_type=layer.op_type,
+                   description=layer.describe(), is_conv=layer.is_conv,
+                   padding_mode=layer.padding_mode,
+                   weight_shape=tuple(int(n) for n in layer.weight.shape),
+                   content_hash=layer.content_hash, block=layer.block, role=layer.role,
+                   note=layer.note)
+
+    def describe(self) -> str:
+        """As ``Layer.describe``, e.g. 'Conv 3x3 s2 g4 16->32 @8x8'."""
+        return self.description
+
+
+@dataclass(frozen=True)
+class LayerOutcome:
+    """One (layer, backend) result of a run, as shown in the per-layer table.
+
+    ``spectrum`` is kept without its singular vectors (they are in the store).
+    """
+
+    layer: LayerSummary
     backend: str
     status: Status
     spectrum: Spectrum | None = None
@@ -87,6 +140,68 @@ class ProfileResult:
     run_id: int
     model: LoadedModel
     outcomes: list[LayerOutcome] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One (layer, backend) computation the planner hands to an executor: everything it
+    needs (the layer's weights, the backend, the request), and where its result goes."""
+
+    layer: Layer
+    layer_id: int
+    backend: Backend
+    request: Request
+    reason: str
+    """Why ``backend`` was chosen (shown in the table)."""
+    run_id: int
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What an executor brings back for a ``Task``: a spectrum, or why it failed."""
+
+    spectrum: Spectrum | None
+    error: str = ""
+
+
+class Executor(Protocol):
+    """Runs ``Task`` computations; the caller stores what comes back, one result at a time."""
+
+    def refuse(self, task: Task) -> str | None:
+        """Why this executor can't run ``task`` at all (a layer that fits no worker), or None."""
+
+    def memory_limit(self) -> int | None:
+        """The most memory one task may take where this executor runs it (bytes); None:
+        this process's own limit applies."""
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, TaskResult]]:
+        """Every task with its result, in the order they finish. ``tasks`` is pulled lazily,
+        so that a streamed model's layers are read only when there is room for them."""
+
+
+class InProcess:
+    """The default executor: each task computed here, when it is pulled, one at a time."""
+
+    def refuse(self, task: Task) -> str | None:
+        return None
+
+    def memory_limit(self) -> int | None:
+        return None
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, TaskResult]]:
+        for task in tasks:
+            yield task, run_task(task.backend, task.layer, task.request)
+
+
+def run_task(backend: Backend, layer: Layer, request: Request) -> TaskResult:
+    """Compute one spectrum; a failure the layer causes (bad numbers, too big) is the result,
+    not an exception, so that it is stored as a failed row and the run goes on."""
+    try:
+        return TaskResult(compute_spectrum(backend, layer, request))
+    except (SpecprofError, ArithmeticError, ValueError, MemoryError) as error:
+        message = (error.one_line() if isinstance(error, SpecprofError)
+                   else f"{type(error).__name__}: {error}")
+        return TaskResult(None, message)
 
 
 def validate_backends(names: tuple[str, ...], registry: Registry,
@@ -110,16 +225,21 @@ def choose_backend(layer: Layer, request: Request, name: str,
     if name != AUTO:
         backend = registry.backend(name)
         support = backend.supports(layer, request)
-        return (backend, support.reason) if support else (None, support.reason)
+        refusal = limit_refusal(backend, layer, request) if support else support.reason
+        return (None, refusal) if refusal else (backend, support.reason)
     candidates = {n: b for n, b in registry.available_backends().items() if b.kind == "operator"}
     for preferred in request.prefer:  # a preferred backend of another kind, e.g. filter
         backend = registry.backend(preferred)
-        if backend.supports(layer, request):
+        if backend.supports(layer, request) and not limit_refusal(backend, layer, request):
             return backend, f"preferred (--prefer {preferred})"
-    answer = registry.pm.hook.specprof_select_backend(layer=layer, request=request,
-                                                      backends=candidates)
+    # Backends over the memory or time limits are not candidates (engine/limits.py).
+    refused = {n: limit_refusal(b, layer, request) for n, b in candidates.items()
+               if b.supports(layer, request)}
+    answer = registry.pm.hook.specprof_select_backend(
+        layer=layer, request=request,
+        backends={n: b for n, b in candidates.items() if not refused.get(n)})
     if answer is None:
-        reasons = "; ".join(f"{n}: {b.supports(layer, request).reason}"
+        reasons = "; ".join(f"{n}: {refused.get(n) or b.supports(layer, request).reason}"
                             for n, b in candidates.items())
         return None, f"no backend can handle this layer ({reasons or 'none installed'})"
     chosen, reason = answer
@@ -140,45 +260,48 @@ def compute_spectrum(backend: Backend, layer: Layer, request: Request) -> Spectr
                    seconds=spectrum.seconds or time.perf_counter() - started)
 
 
+class ExecutorLost(SpecprofError):
+    """The executor went away mid-run (a Dask scheduler gone): the run is left interrupted."""
+
+
 def profile_model(
     model: LoadedModel,
     config: ProfileConfig,
     store: Store,
     registry: Registry,
     on_layer: Callable[[LayerOutcome], None] | None = None,
+    executor: Executor | None = None,
 ) -> ProfileResult:
     """Profile every layer of ``model`` with every requested backend, storing as it goes.
 
     Results already stored for the same layer content, backend and parameters are reused
     unless ``config.force``. A layer a backend can't handle is recorded as skipped with the
     reason; a layer whose computation fails (e.g. NaN weights) is recorded as failed, and the
-    run goes on.
+    run goes on. The computations run on ``executor`` (default: here, one after the other);
+    whatever the executor, this process plans, and writes each result in its own transaction
+    as it arrives. The outcomes come back in layer order, then backend order.
     """
     validate_backends(config.backends, registry, config.prefer)
     model_id, layer_ids = store.add_model(model)
     run_id, done = _start_or_resume(model_id, {"model": model.name, **config.to_json()}, config,
                                     store)
-    result = ProfileResult(run_id, model)
+    run = _Run(run_id, config, store, registry, on_layer, done)
+    executor = executor if executor is not None else InProcess()
     try:
-        for layer, layer_id in zip(model.layers, layer_ids, strict=True):
-            request = config.request(layer)
-            for name in config.backends:
-                outcome = _resumed_outcome(layer, layer_id, name, request, done, store, registry,
-                                           run_id)
-                if outcome is None:
-                    outcome = _profile_layer(layer, layer_id, name, request, config, store,
-                                             registry, run_id)
-                result.outcomes.append(outcome)
-                if on_layer is not None:
-                    on_layer(outcome)
+        for task, task_result in executor.run(run.plan(model.layers, layer_ids, executor)):
+            run.record(task, task_result)
     except KeyboardInterrupt:
         store.finish_run(run_id, "interrupted", "interrupted by the user")
+        raise
+    except ExecutorLost as error:
+        store.finish_run(run_id, "interrupted", error.one_line())
         raise
     except BaseException as error:
         store.finish_run(run_id, "failed", f"{type(error).__name__}: {error}")
         raise
     store.finish_run(run_id, "complete")
-    return result
+    return ProfileResult(run_id, model, [outcome for _, outcome in sorted(
+        run.outcomes, key=lambda pair: pair[0])])
 
 
 def _start_or_resume(model_id: int, run_config: dict[str, Any], config: ProfileConfig,
@@ -192,50 +315,91 @@ def _start_or_resume(model_id: int, run_config: dict[str, Any], config: ProfileC
     return store.start_run(model_id, run_config), {}
 
 
-def _resumed_outcome(layer: Layer, layer_id: int, name: str, request: Request,
-                     done: dict[tuple[int, str], tuple[str, int]], store: Store,
-                     registry: Registry, run_id: int) -> LayerOutcome | None:
-    """The outcome of a (layer, backend) the resumed run already stored; None if it has none.
+class _Run:
+    """One run being profiled: plans its tasks, stores what needs no computing at once, and
+    stores each computed result when it comes back."""
 
-    Every result row was written in its own transaction, so one that exists is complete.
-    """
-    if not done:
-        return None
-    backend, reason = choose_backend(layer, request, name, registry)
-    label = backend.name if backend is not None else name
-    if (layer_id, label) not in done:
-        return None
-    status, row_id = done[(layer_id, label)]
-    if status != "ok":
-        return LayerOutcome(layer, label, status, reason=reason)  # type: ignore[arg-type]
-    spectrum = store.load_spectrum(row_id)
-    registry.pm.hook.specprof_layer_done(run_id=run_id, layer=layer, spectrum=spectrum,
-                                         reused=True)
-    return LayerOutcome(layer, label, "reused", spectrum, "already stored by this run")
+    def __init__(self, run_id: int, config: ProfileConfig, store: Store, registry: Registry,
+                 on_layer: Callable[[LayerOutcome], None] | None,
+                 done: dict[tuple[int, str], tuple[str, int]]) -> None:
+        self.run_id, self.config, self.store, self.registry = run_id, config, store, registry
+        self.on_layer, self.done = on_layer, done
+        self.outcomes: list[tuple[tuple[int, int], LayerOutcome]] = []
+        self._slots: dict[int, tuple[int, int]] = {}  # id(task) -> (layer position, backend)
 
+    def plan(self, layers: Iterable[Layer], layer_ids: list[int],
+             executor: Executor) -> Iterator[Task]:
+        """The tasks that need computing, one layer at a time (read when pulled)."""
+        for position, (layer, layer_id) in enumerate(zip(layers, layer_ids, strict=True)):
+            request = self.config.request(layer)
+            for which, name in enumerate(self.config.backends):
+                task = self._plan_one(layer, layer_id, name, request, (position, which),
+                                      executor)
+                if task is not None:
+                    yield task
 
-def _profile_layer(layer: Layer, layer_id: int, name: str, request: Request,
-                   config: ProfileConfig, store: Store, registry: Registry,
-                   run_id: int) -> LayerOutcome:
-    backend, reason = choose_backend(layer, request, name, registry)
-    label = backend.name if backend is not None else name
-    if backend is None:
-        store.add_layer_result(run_id, layer_id, label, None, "skipped", reason)
-        return LayerOutcome(layer, label, "skipped", reason=reason)
-    if not config.force:
-        stored = store.find_spectrum(layer.content_hash, backend.name, request.params())
-        if stored is not None:
-            store.add_spectrum(run_id, layer_id, stored)
-            registry.pm.hook.specprof_layer_done(run_id=run_id, layer=layer, spectrum=stored,
-                                                 reused=True)
-            return LayerOutcome(layer, label, "reused", stored, "already stored")
-    try:
-        spectrum = compute_spectrum(backend, layer, request)
-    except (SpecprofError, ArithmeticError, ValueError, MemoryError) as error:
-        message = error.one_line() if isinstance(error, SpecprofError) else f"{type(error).__name__}: {error}"
-        store.add_layer_result(run_id, layer_id, label, backend.kind, "failed", message)
-        return LayerOutcome(layer, label, "failed", reason=message)
-    store.add_spectrum(run_id, layer_id, spectrum)
-    registry.pm.hook.specprof_layer_done(run_id=run_id, layer=layer, spectrum=spectrum,
-                                         reused=False)
-    return LayerOutcome(layer, label, "ok", spectrum, reason)
+    def _plan_one(self, layer: Layer, layer_id: int, name: str, request: Request,
+                  slot: tuple[int, int], executor: Executor) -> Task | None:
+        backend, reason = choose_backend(layer, request, name, self.registry)
+        label = backend.name if backend is not None else name
+        if (layer_id, label) in self.done:
+            self._resumed(layer, layer_id, label, reason, slot)
+            return None
+        if backend is None:
+            self.store.add_layer_result(self.run_id, layer_id, label, None, "skipped", reason)
+            self._emit(slot, layer, label, "skipped", None, reason)
+            return None
+        if not self.config.force:
+            stored = self.store.find_spectrum(layer.content_hash, backend.name, request.params())
+            if stored is not None:
+                self.store.add_spectrum(self.run_id, layer_id, stored)
+                self._layer_done(layer, stored, reused=True)
+                self._emit(slot, layer, label, "reused", stored, "already stored")
+                return None
+        task = Task(layer, layer_id, backend, request, reason, self.run_id)
+        refusal = executor.refuse(task)
+        if refusal is not None:
+            self.store.add_layer_result(self.run_id, layer_id, label, backend.kind, "failed",
+                                        refusal)
+            self._emit(slot, layer, label, "failed", None, refusal)
+            return None
+        self._slots[id(task)] = slot
+        return task
+
+    def _resumed(self, layer: Layer, layer_id: int, label: str, reason: str,
+                 slot: tuple[int, int]) -> None:
+        """The outcome of a (layer, backend) this resumed run already stored. Every result
+        row was written in its own transaction, so one that exists is complete."""
+        status, row_id = self.done[(layer_id, label)]
+        if status != "ok":
+            self._emit(slot, layer, label, status, None, reason)  # type: ignore[arg-type]
+            return
+        spectrum = self.store.load_spectrum(row_id)
+        self._layer_done(layer, spectrum, reused=True)
+        self._emit(slot, layer, label, "reused", spectrum, "already stored by this run")
+
+    def record(self, task: Task, result: TaskResult) -> None:
+        """Store one computed result, in one transaction."""
+        slot = self._slots.pop(id(task))
+        label = task.backend.name
+        if result.spectrum is None:
+            self.store.add_layer_result(self.run_id, task.layer_id, label, task.backend.kind,
+                                        "failed", result.error)
+            self._emit(slot, task.layer, label, "failed", None, result.error)
+            return
+        self.store.add_spectrum(self.run_id, task.layer_id, result.spectrum)
+        self._layer_done(task.layer, result.spectrum, reused=False)
+        self._emit(slot, task.layer, label, "ok", result.spectrum, task.reason)
+
+    def _layer_done(self, layer: Layer, spectrum: Spectrum, reused: bool) -> None:
+        self.registry.pm.hook.specprof_layer_done(run_id=self.run_id, layer=layer,
+                                                  spectrum=spectrum, reused=reused)
+
+    def _emit(self, slot: tuple[int, int], layer: Layer, backend: str, status: Status,
+              spectrum: Spectrum | None, reason: str) -> None:
+        if spectrum is not None and spectrum.left_vectors is not None:
+            spectrum = replace(spectrum, left_vectors=None)  # big, and stored already
+        outcome = LayerOutcome(LayerSummary.of(layer), backend, status, spectrum, reason)
+        self.outcomes.append((slot, outcome))
+        if self.on_layer is not None:
+            self.on_layer(outcome)

@@ -215,6 +215,11 @@ class Request:
     keep_vectors: bool = True
     prefer: tuple[str, ...] = ()
     """Backend names ``auto`` tries first, in this order, where they support the layer."""
+    max_memory: int | None = None
+    """Bytes one layer's computation may take (``Backend.memory``); None: no limit."""
+    max_seconds: float | None = None
+    """Estimated seconds (``Backend.cost``) an approximate backend may take on one layer;
+    None: no limit. Exact backends are limited by memory only."""
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("boundary", "top_k", "precision")
     """The fields that change a result: a stored spectrum is found again by these."""
