@@ -115,7 +115,7 @@ def profile(model: str | os.PathLike[str] | Any | Sequence[Any], *,
             backend: str | Sequence[str] = AUTO,
             db: str | None = None, input_shape: str | Sequence[int] | None = None,
             boundary: BoundaryChoice = "model", device: str = "cpu", top_k: int | None = None,
-            precision: str = "float64", max_dense: int = 4096, force: bool = False,
+            precision: str | None = None, max_dense: int = 4096, force: bool = False,
             resume: bool = False, prefer: str | Sequence[str] = (), format: str | None = None, model_class: str | None = None,
             name: str | None = None, on_layer: Callable[[LayerOutcome], None] | None = None,
             fold_batchnorm: bool = False, skip_unsupported: bool = False,
@@ -146,9 +146,12 @@ def profile(model: str | os.PathLike[str] | Any | Sequence[Any], *,
     ``max_memory`` (bytes, or a size such as ``"8G"``; default: a share of the available
     memory) and ``max_seconds`` (estimated, for approximate backends) limit one layer: a backend
     over them is not run on it (``specprof.engine.limits``).
+
+    ``precision`` (float64 or float32) defaults per model: float32 for weights-only checkpoints
+    (safetensors, GGUF, state dicts, LoRA), float64 for graph models.
     """
     config = ProfileConfig(backends=_names(backend), boundary=boundary, device=device,
-                           top_k=top_k, precision=precision,  # type: ignore[arg-type]
+                           top_k=top_k, precision=precision or "float64",  # type: ignore[arg-type]
                            max_dense=max_dense, force=force, resume=resume,
                            prefer=_names(prefer),
                            max_memory=parse_memory(max_memory) if isinstance(max_memory, str)
@@ -166,14 +169,24 @@ def profile(model: str | os.PathLike[str] | Any | Sequence[Any], *,
         loaded = load(model)  # a model that can't be read leaves the database untouched
         with _executor(executor, workers, scheduler, config.device) as chosen, \
                 Store.open(db) as store:
-            result = profile_model(loaded, _limited(config, chosen, max_memory), store,
-                                   registry, on_layer=on_layer, executor=chosen)
+            result = profile_model(loaded, _limited(with_precision(config, loaded, precision),
+                                                    chosen, max_memory),
+                                   store, registry, on_layer=on_layer, executor=chosen)
         return outcomes_frame(result.run_id, result.outcomes)
     sources = model_sources(models, registry, format)
     with _executor(executor, workers, scheduler, config.device) as chosen, \
             Store.open(db) as store:
         return _profile_each(sources, load, _limited(config, chosen, max_memory), store,
-                             registry, on_layer, chosen)
+                             registry, on_layer, chosen, precision)
+
+
+def with_precision(config: ProfileConfig, loaded: LoadedModel, asked: str | None
+                   ) -> ProfileConfig:
+    """``config`` with the model's default precision when none was ``asked``: float32 for a
+    weights-only checkpoint (no graph: LAPACK-scale matrices, float32 on disk), else float64."""
+    if asked is not None:
+        return config
+    return replace(config, precision="float32" if loaded.proto is None else "float64")
 
 
 def _limited(config: ProfileConfig, executor: Executor, asked: Any) -> ProfileConfig:
@@ -198,7 +211,7 @@ def _executor(executor: Executor | None, workers: int | None, scheduler: str | N
 def _profile_each(sources: list[Any], load: Callable[[Any], LoadedModel], config: ProfileConfig,
                   store: Store, registry: Registry,
                   on_layer: Callable[[LayerOutcome], None] | None,
-                  executor: Executor) -> pd.DataFrame:
+                  executor: Executor, precision: str | None = None) -> pd.DataFrame:
     """One run per model, in order; a model that fails is noted and the others go on. A lost
     executor (Dask scheduler gone) stops them all: nothing could compute the rest."""
     frames, runs, errors = [], {}, {}
@@ -207,8 +220,8 @@ def _profile_each(sources: list[Any], load: Callable[[Any], LoadedModel], config
         try:
             if isinstance(loaded, SpecprofError):
                 raise loaded
-            result = profile_model(loaded, config, store, registry, on_layer=on_layer,
-                                   executor=executor)
+            result = profile_model(loaded, with_precision(config, loaded, precision), store,
+                                   registry, on_layer=on_layer, executor=executor)
         except ExecutorLost:
             raise
         except SpecprofError as error:

@@ -153,8 +153,6 @@ def _profile_one(loaded: Any, options: dict[str, Any], executor: Any, tracker: A
     """Profile one loaded model for ``profile``; prints its table (table format)."""
     from specprof.engine import api
 
-    if options["precision"] is None:  # checkpoints have no graph: float32 LAPACK is their default
-        options = {**options, "precision": "float32" if loaded.proto is None else "float64"}
     tracker.grow(len(loaded.layers) * len(options["backend"].split(",")),
                  f"profiling {loaded.name}{where}")
     frame = api.profile(loaded, **options, on_layer=tracker, executor=executor)

@@ -110,7 +110,9 @@ def read_safetensor(path: Path, name: str) -> np.ndarray:
                                  "check that the file is complete")
         raw = np.memmap(path, dtype="<u2", mode="r", offset=data_start + begin,
                         shape=((end - begin) // 2,))
-        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        bits = raw.astype(np.uint32)  # the float32 result's memory, shifted in place:
+        bits <<= 16  # no second temporary of the tensor's float32 size
+        return bits.view(np.float32).reshape(shape)
     if dtype.startswith("F8"):
         raise ModelLoadError(f"tensor {name} of {path} is {dtype}, which specprof cannot read yet",
                              "convert the checkpoint to bf16 or fp16")

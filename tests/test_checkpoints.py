@@ -459,3 +459,18 @@ def test_report_groups_a_checkpoint_by_block_and_role(tmp_path: Path) -> None:
     assert shown == pytest.approx(expected, rel=1e-4)  # max sigma_max of q over the blocks
     assert 'id="sigma-max-by-block"' in section
     assert "By transformer block and role" not in plain
+
+
+def test_api_profiles_checkpoints_in_float32_and_graphs_in_float64(tmp_path: Path) -> None:
+    from specprof.engine.store import Store
+
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(llama_tensors(blocks=1), path)
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    both = api.profile([path, Path(__file__).parent.parent / "examples" / "small_cnn.onnx"], db=db)
+    asked = api.profile(path, db=db, precision="float64", force=True)
+    with Store.open(db) as store:
+        configs = {run: store.run_info(run)["config"]["precision"]
+                   for run in [*both.attrs["runs"].values(), asked.attrs["run_id"]]}
+    assert sorted(configs.values()) == ["float32", "float64", "float64"]
+    assert configs[both.attrs["runs"][str(path)]] == "float32"
