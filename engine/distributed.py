@@ -317,9 +317,12 @@ def _local_client(workers: int, device: str) -> Iterator[Client]:
     if device.startswith("cuda"):
         resources[GPU] = 1
     dashboard = "localhost:0"
+    # The worker processes' own logs at CRITICAL: at shutdown a worker can log an ERROR with
+    # a traceback ("Failed to communicate with scheduler during heartbeat") when the scheduler
+    # closes first; what a task raises reaches the client as its result, not as a log line.
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       memory_limit=memory, resources=resources, dashboard_address=dashboard,
-                      host="127.0.0.1", silence_logs=logging.ERROR) as cluster, \
+                      host="127.0.0.1", silence_logs=logging.CRITICAL) as cluster, \
             Client(cluster, set_as_default=False) as client:
         yield client
 
