@@ -59,6 +59,7 @@ from typing import Any, Literal
 import numpy as np
 
 from specprof.engine.costs import svd_flops
+from specprof.engine.dense import gram_value_error
 from specprof.engine.parallel import default_threads, in_threads, one_blas_thread
 from specprof.engine.types import MATRIX_OPS, Layer
 
@@ -328,14 +329,14 @@ _GRAM_FIRST_MAX = 96
 # (estimated: a tenth of the 1e-10 that ``exact`` must meet); frequencies that can't are
 # decomposed by SVD.
 _GRAM_TOLERANCE = 1e-11
-# Estimated absolute error of a computed Gram eigenvalue, in units of r u lambda_max: LAPACK's
-# backward error for the eigensolver (its "modest function of r" taken as r) plus forming the
-# Gram (sums of ~r k products, whose rounding grows like their square root in practice).
-_GRAM_ROUNDING = 4.0
+# The error of a computed Gram eigenvalue is ``specprof.engine.dense.GRAM_ROUNDING`` r u
+# lambda_max: LAPACK's backward error for the eigensolver (its "modest function of r" taken
+# as r) plus forming the Gram (sums of ~r k products, whose rounding grows like their square
+# root in practice); ``gram_value_error`` turns it into an error on sigma.
 
 
 # What ``precision="float32"`` promises: values within 1e-5 sigma_max. The Gram path in float64
-# keeps every value within sqrt(_GRAM_ROUNDING r u) sigma_max (2e-6 even at r = 10^4), so it
+# keeps every value within sqrt(GRAM_ROUNDING r u) sigma_max (2e-6 even at r = 10^4), so it
 # never needs the SVD for float32; complex64 LAPACK from NumPy was no faster than complex128
 # here (0.31 against 0.25 s for 812 SVDs of order 64), so float32 takes this path at every r.
 _FLOAT32_TOLERANCE = 1e-6
@@ -361,7 +362,7 @@ def _gram_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[in
 
     The Grams come from ``gram_polynomial`` (GEMM speed, no symbols formed) and their
     eigenvalues from a batched ``eigvalsh`` in worker threads. A computed eigenvalue carries
-    an absolute error Delta of about ``_GRAM_ROUNDING`` r u lambda_max, so sigma =
+    an absolute error Delta of about ``GRAM_ROUNDING`` r u lambda_max, so sigma =
     sqrt(lambda) carries at most min(sqrt(Delta), Delta / (2 sigma)): largest for the
     smallest value. Where that estimate exceeds ``tolerance`` sigma_max for a frequency's
     smallest value (a rank-deficient or ill-conditioned symbol), the frequency is decomposed
@@ -377,9 +378,7 @@ def _gram_spectrum(kernels: np.ndarray, grid: tuple[int, ...], strides: tuple[in
             [lambda piece=piece: np.linalg.eigvalsh(poly.evaluate(*piece))[:, ::-1]
              for piece in pieces], ops.threads))
     values = np.sqrt(np.clip(eigenvalues, 0.0, None))
-    delta = _GRAM_ROUNDING * poly.r * _UNIT_ROUNDOFF * eigenvalues[:, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0: a zero symbol, exact
-        error = np.minimum(np.sqrt(delta), delta / (2 * values[:, -1]))
+    error = gram_value_error(eigenvalues[:, 0], values[:, -1], poly.r)
     redo = np.flatnonzero(error > tolerance * values[:, 0])
     if redo.size:
         values[redo] = ops.svdvals(symbols_at(kernels, grid, strides, dilations, redo))
@@ -993,7 +992,11 @@ def _pointwise_top_k(kernels: np.ndarray, strides: tuple[int, ...], small_grid: 
     return values, np.full(values.size, math.prod(small_grid), dtype=np.int64)
 
 
-def half_grid_size(grid: tuple[int, ...], strides: tuple[int, ...]) -> int:
+def half_grid_size(grid: tuple[int, ...] | list[int],
+                   strides: tuple[int, ...] | None = None) -> int:
+    """Frequencies of a real kernel's symbol that the half grid keeps, on ``grid`` divided by
+    ``strides`` (the polyphase grid; ``None``: ``grid`` itself)."""
+    strides = strides if strides is not None else (1,) * len(grid)
     *lead, last = (n // s for n, s in zip(grid, strides, strict=True))
     return math.prod(lead) * (last // 2 + 1)
 

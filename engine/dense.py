@@ -33,8 +33,21 @@ precision promises. The estimate is a worst case (it says 9.5e-7 of sigma_max fo
 2048 x 2048 matrix whose Gram values were within 5e-13 of float64's SVD)."""
 ONE_THREAD_ORDER = 1024
 """Grams up to this order get their eigenvalues on one BLAS thread (see ``gram_singular_values``)."""
-_UNIT_ROUNDOFF = 2.0**-53
+UNIT_ROUNDOFF = 2.0**-53
+"""float64's unit roundoff u."""
 _SLICE_BYTES = 64 * 2**20
+
+
+def gram_value_error(largest_eigenvalue: np.ndarray | float, smallest_value: np.ndarray | float,
+                     order: int) -> np.ndarray:
+    """Estimated largest absolute error of singular values taken as square roots of the
+    float64 eigenvalues of Grams of ``order``: Delta = ``GRAM_ROUNDING`` order u lambda_max on
+    each eigenvalue, hence min(sqrt(Delta), Delta / (2 sigma)) on sigma, largest for the
+    smallest value (0 for a zero Gram). Elementwise over arrays of Grams."""
+    delta = GRAM_ROUNDING * order * UNIT_ROUNDOFF * np.clip(largest_eigenvalue, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):  # sigma = 0: the sqrt(Delta) branch
+        error = np.minimum(np.sqrt(delta), delta / (2 * np.asarray(smallest_value, dtype=float)))
+    return np.where(delta == 0, 0.0, error)
 
 
 def gram_singular_values(matrix: np.ndarray) -> tuple[np.ndarray, float]:
@@ -59,10 +72,7 @@ def gram_singular_values(matrix: np.ndarray) -> tuple[np.ndarray, float]:
     values = np.sqrt(np.clip(eigenvalues, 0.0, None))
     if values.size == 0:
         return values, 0.0
-    delta = GRAM_ROUNDING * n * _UNIT_ROUNDOFF * max(float(eigenvalues[0]), 0.0)
-    smallest = float(values[-1])
-    error = np.sqrt(delta) if smallest == 0.0 else min(np.sqrt(delta), delta / (2 * smallest))
-    return values, float(error)
+    return values, float(gram_value_error(eigenvalues[0], values[-1], n))
 
 
 def svd_singular_values(matrix: np.ndarray, precision: Literal["float64", "float32"]

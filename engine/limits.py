@@ -89,11 +89,6 @@ def conv_products_bytes(rows: int, cols: int, output_positions: int, taps: int,
     return 3 * 8 * output_positions * taps + 4 * 8 * (rows + cols) + buffers
 
 
-def half_grid_frequencies(grid: tuple[int, ...] | list[int]) -> int:
-    """Frequencies of a real kernel's symbol on a DFT grid that the half grid keeps."""
-    return math.prod(grid[:-1]) * (grid[-1] // 2 + 1) if grid else 1
-
-
 def lanczos_bytes(size: int, vectors: int) -> int:
     """ARPACK's Krylov basis and work vectors on a Gram matrix of side ``size``."""
     return 8 * (vectors + 4) * size

@@ -265,7 +265,8 @@ class ExactBackend(Backend):
     def memory(self, layer: Layer, request: Request) -> int | None:
         """The dense path: one group block's sparse and dense float64 matrix (plus its float32
         or torch copy); the top-k path: ARPACK's vectors and the matrix-free products."""
-        from specprof.engine.limits import conv_products_bytes, half_grid_frequencies, lanczos_bytes
+        from specprof.engine.circulant import half_grid_size
+        from specprof.engine.limits import conv_products_bytes, lanczos_bytes
         from specprof.engine.operator import conv_geometry, embedding_grid
 
         rows, cols = operator_shape(layer, request.boundary)
@@ -284,7 +285,7 @@ class ExactBackend(Backend):
                 return 2 * vectors + products
             # Zero padding (engine/zero_padded.py): a fast and an exact product, and the
             # circulant upper bound's symbols on the embedding grid.
-            frequencies = half_grid_frequencies(embedding_grid(geometry))
+            frequencies = half_grid_size(embedding_grid(geometry))
             channels = geometry.c_out * geometry.c_in // geometry.groups * int(
                 np.prod(geometry.strides))
             return 2 * vectors + 2 * products + 3 * 16 * frequencies * channels

@@ -123,8 +123,7 @@ class FftCirculantBackend(Backend):
         the SVD's work) and the values with their multiplicities; a matrix layer's SVD."""
         import math
 
-        from specprof.engine.circulant import conv_form
-        from specprof.engine.limits import half_grid_frequencies
+        from specprof.engine.circulant import conv_form, half_grid_size
 
         values = 3 * 16 * circulant_value_count(layer)
         if layer.op_type in MATRIX_OPS:
@@ -133,7 +132,7 @@ class FftCirculantBackend(Backend):
         kernels, grid, strides, _ = conv_form(layer)
         groups, c_out, c_in = (int(n) for n in kernels.shape[:3])
         small = [max(1, n // s) for n, s in zip(grid, strides, strict=True)]
-        frequencies = half_grid_frequencies(small)
+        frequencies = half_grid_size(small)
         symbols = 16 * frequencies * groups * c_out * c_in * math.prod(strides)
         return 3 * symbols + values
 

@@ -295,14 +295,15 @@ class ToeplitzBackend(Backend):
     def memory(self, layer: Layer, request: Request) -> int | None:
         """The bracket's matrix-free products and Lanczos vectors (24 for one value), the symbol matrices on the largest grid, and the approximation's copies of
         all values (samples, sort, resampling, power fit)."""
-        from specprof.engine.limits import conv_products_bytes, half_grid_frequencies, lanczos_bytes
+        from specprof.engine.circulant import half_grid_size
+        from specprof.engine.limits import conv_products_bytes, lanczos_bytes
 
         geom = conv_geometry(layer)
         rows, cols = geom.shape
         products = conv_products_bytes(rows, cols, math.prod(geom.out), math.prod(geom.kernel),
                                        geom.c_in)
         grids = [embedding_grid(geom), sampling_grid(geom, self.alpha)]
-        frequencies = max(half_grid_frequencies(grid) for grid in grids)
+        frequencies = max(half_grid_size(grid) for grid in grids)
         channels = geom.c_out * geom.c_in // geom.groups * math.prod(geom.strides)
         symbols = 3 * 16 * frequencies * channels
         values = 8 * 8 * max(geom.n_values, math.prod(sampling_grid(geom, self.alpha))
