@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from oracle import conv_matrix, conv_transpose_matrix
 
-from specprof.engine.operator import ConvGeometry, conv_geometry
+from specprof.engine.operator import ConvApply, ConvGeometry, conv_geometry
 from specprof.engine.types import Layer, Request
 from specprof.plugins.backends import toeplitz
 from specprof.plugins.backends.toeplitz import ToeplitzBackend
@@ -134,11 +135,13 @@ def test_operator_apply_adjoint_and_frobenius_match_oracle(layer: Layer) -> None
 
 
 def conv_apply(geom: ConvGeometry, x: np.ndarray) -> np.ndarray:
-    return toeplitz.conv_apply(geom, x.reshape(geom.c_in, *geom.n)).ravel()
+    """y = A x with specprof's matrix-free zero-padded conv (its conv side)."""
+    return ConvApply(replace(geom, transposed=False)).matvec(x)
 
 
 def conv_adjoint(geom: ConvGeometry, y: np.ndarray) -> np.ndarray:
-    return toeplitz.conv_adjoint(geom, y.reshape(geom.c_out, *geom.out)).ravel()
+    """x = A^T y with the same operator."""
+    return ConvApply(replace(geom, transposed=False)).rmatvec(y)
 
 
 def _error(approx: np.ndarray, truth: np.ndarray) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -32,7 +31,6 @@ from specprof.engine.circulant import (
 )
 from specprof.engine.errors import InputShapeError
 from specprof.engine.operator import (
-    ConvApply,
     ConvGeometry,
     conv_geometry,
     embedding_grid,
@@ -63,24 +61,7 @@ FIT_FLOPS_PER_VALUE = 5000
 """Nominal flops per singular value of resampling the sorted samples and fitting the power
 law (a sort, then up to ~50 root-finding steps, each a power of all values), for ``cost``."""
 
-# --------------------------------------------------------------------------- true operator
-
-
-def true_operator(geom: ConvGeometry) -> ConvApply:
-    """The zero-padded convolution ``geom`` (its conv side, also for a ConvTranspose) as
-    specprof's matrix-free operator (the same code as the ``exact`` backend's top-k):
-    ``matvec`` is A, ``rmatvec`` its adjoint, on flat vectors."""
-    return ConvApply(replace(geom, transposed=False))
-
-
-def conv_apply(geom: ConvGeometry, x: np.ndarray) -> np.ndarray:
-    """y = A x for the zero-padded convolution; x (c_in, n...) -> y (c_out, out...)."""
-    return true_operator(geom).matvec(x.ravel()).reshape(geom.c_out, *geom.out)
-
-
-def conv_adjoint(geom: ConvGeometry, y: np.ndarray) -> np.ndarray:
-    """x = A^T y for the zero-padded convolution; y (c_out, out...) -> x (c_in, n...)."""
-    return true_operator(geom).rmatvec(y.ravel()).reshape(geom.c_in, *geom.n)
+# --------------------------------------------------------------------------- exact facts
 
 
 def zero_padded_frobenius_sq(geom: ConvGeometry) -> float:
